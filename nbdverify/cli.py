@@ -1,0 +1,284 @@
+"""`nbdverify serve`: options spelled like nbdkit's, so rigs written for it work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NoReturn
+from urllib.parse import quote
+
+import trio
+
+from . import __version__
+from .children import FileChild
+from .device import MismatchPolicy, SizeMismatch, VerifiedDevice
+from .log import configure_logging, log_event
+from .report import Reporter
+from .server import ExportConfig, Server
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_MISMATCH = 3
+DEFAULT_PORT = 10809
+
+
+class UsageError(Exception):
+    """Bad command-line arguments: one line on stderr, exit status 2."""
+
+
+class StartupError(Exception):
+    """The server cannot start (missing or mismatched images): exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nbdverify",
+        description="A verifying NBD server: writes go to RAW and TEST, reads compare both.",
+    )
+    parser.add_argument("--version", action="version", version=f"nbdverify {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a raw + test pair",
+        description="Serve RAW (trusted reference) and TEST (under test) as one verified "
+        "NBD export. Give them as two arguments or as blkverify:RAW:TEST.",
+    )
+    serve.add_argument("images", nargs="+", metavar="IMAGE", help="RAW TEST, or blkverify:RAW:TEST")
+    where = serve.add_argument_group("where to listen")
+    where.add_argument("-U", "--unix", metavar="PATH",
+                       help="listen on a unix socket; '-' makes a private temporary one")
+    where.add_argument("-p", "--port", type=int, default=DEFAULT_PORT,
+                       help="TCP port (default %(default)s; 0 picks a free one)")
+    where.add_argument("-i", "--ipaddr", default="127.0.0.1",
+                       help="address to listen on (default %(default)s)")
+    export = serve.add_argument_group("the export")
+    export.add_argument("-e", "--exportname", default="", help="export name (default empty)")
+    export.add_argument("--description", default="", help="export description for clients")
+    export.add_argument("-r", "--readonly", action="store_true", help="refuse all writes")
+    verify = serve.add_argument_group("verification")
+    verify.add_argument("--on-mismatch", choices=[p.value for p in MismatchPolicy],
+                        default=MismatchPolicy.DISCONNECT.value,
+                        help="what a mismatch does (default %(default)s)")
+    verify.add_argument("--report", metavar="FILE",
+                        help="append each finding to FILE as one JSON object a line")
+    run = serve.add_argument_group("running")
+    run.add_argument("-P", "--pidfile", metavar="FILE", help="write the process id here once ready")
+    run.add_argument("--run", metavar="CMD",
+                     help="run CMD with $uri $nbd $unixsocket $port $exportname set, then exit "
+                     "with its status (3 if any mismatch was seen)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    run.add_argument("--log-format", choices=["text", "json"], default="text",
+                     help="stderr log lines for people (text) or machines (json)")
+    return parser
+
+
+def split_images(images: Sequence[str]) -> tuple[str, str]:
+    """RAW and TEST from `RAW TEST` or QEMU's legacy `blkverify:RAW:TEST` (which,
+    like QEMU, splits at the first colon: RAW cannot contain one)."""
+    if len(images) == 2:
+        return images[0], images[1]
+    if len(images) == 1 and images[0].startswith("blkverify:"):
+        raw, sep, test = images[0].removeprefix("blkverify:").partition(":")
+        if sep and raw and test:
+            return raw, test
+        raise UsageError(f"expected blkverify:RAW:TEST, got {images[0]!r}")
+    raise UsageError("expected RAW TEST or blkverify:RAW:TEST")
+
+
+@dataclass
+class Endpoint:
+    """Where the server listens, and how clients name it."""
+
+    export_name: str
+    unix_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+
+    @property
+    def uri(self) -> str:
+        name = quote(self.export_name)
+        if self.unix_path is not None:
+            return f"nbd+unix:///{name}?socket={quote(self.unix_path)}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{name}"
+
+    @property
+    def qemu_name(self) -> str:
+        """The old `nbd:` syntax QEMU accepts, nbdkit's $nbd."""
+        suffix = f":exportname={self.export_name}" if self.export_name else ""
+        if self.unix_path is not None:
+            return f"nbd:unix:{self.unix_path}{suffix}"
+        return f"nbd:{self.host}:{self.port}{suffix}"
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "uri": self.uri,
+            "nbd": self.qemu_name,
+            "unixsocket": self.unix_path or "",
+            "port": "" if self.unix_path else str(self.port),
+            "exportname": self.export_name,
+        }
+
+
+def open_device(raw_path: str, test_path: str, args: argparse.Namespace,
+                reporter: Reporter) -> VerifiedDevice:
+    children = []
+    for role, path in (("raw", raw_path), ("test", test_path)):
+        try:
+            children.append(FileChild(role, path, readonly=args.readonly))
+        except OSError as error:
+            for child in children:
+                child.close()
+            raise StartupError(
+                f"cannot open {role.upper()} image {path}: {error.strerror or error}"
+            ) from None
+    raw, test = children
+    try:
+        return VerifiedDevice(raw, test, export_name=args.exportname,
+                              policy=MismatchPolicy(args.on_mismatch), on_finding=reporter)
+    except SizeMismatch as error:
+        raw.close()
+        test.close()
+        raise StartupError(
+            f"{error} (RAW {raw_path}, TEST {test_path}); they must start identical"
+        ) from None
+
+
+async def open_listeners(endpoint: Endpoint) -> list[trio.SocketListener]:
+    if endpoint.unix_path is None:
+        listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+        endpoint.port = listeners[0].socket.getsockname()[1]
+        return listeners
+    path = endpoint.unix_path
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket from an earlier run
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
+@dataclass
+class Outcome:
+    exit_status: int = EXIT_OK
+
+
+async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespace,
+                     reporter: Reporter) -> int:
+    try:
+        listeners = await open_listeners(endpoint)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {endpoint.uri}: {error.strerror or error}") from None
+    outcome = Outcome()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        if args.pidfile:
+            Path(args.pidfile).write_text(f"{os.getpid()}\n")
+        log_event(logging.INFO, "serving", f"serving {endpoint.uri}", uri=endpoint.uri,
+                  raw=server.device.raw.location, test=server.device.test.location)
+        nursery.start_soon(_stop_on_signal, server)
+        if server.device.policy is MismatchPolicy.EXIT:
+            nursery.start_soon(_exit_on_mismatch, server, outcome)
+        if args.run:
+            nursery.start_soon(_run_command, args.run, endpoint, server, reporter, outcome)
+        await server.stopping.wait()
+        nursery.cancel_scope.cancel()
+    return outcome.exit_status
+
+
+async def _stop_on_signal(server: Server) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log_event(logging.INFO, "signal", f"{signal.Signals(signum).name}: shutting down")
+            server.stop()
+            return
+
+
+async def _exit_on_mismatch(server: Server, outcome: Outcome) -> None:
+    await server.device.stopped.wait()
+    outcome.exit_status = EXIT_MISMATCH
+    server.stop()
+
+
+async def _run_command(command: str, endpoint: Endpoint, server: Server, reporter: Reporter,
+                       outcome: Outcome) -> None:
+    environment = {**os.environ, **endpoint.environment()}
+    process = await trio.run_process(["/bin/sh", "-c", command], check=False, stdin=None,
+                                     env=environment)
+    status = process.returncode if process.returncode >= 0 else 128 - process.returncode
+    outcome.exit_status = EXIT_MISMATCH if reporter.count else status
+    server.stop()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    raw_path, test_path = split_images(args.images)
+    report: IO[str] | None = None
+    reporter = Reporter()
+    device = open_device(raw_path, test_path, args, reporter)
+    private_dir: str | None = None
+    try:
+        unix_path = args.unix
+        if unix_path == "-":
+            private_dir = tempfile.mkdtemp(prefix="nbdverify-")
+            unix_path = os.path.join(private_dir, "socket")
+        endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port)
+        if args.report:
+            report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+            reporter.attach(report)
+        server = Server(device, ExportConfig(args.exportname, args.description, args.readonly))
+        status = await run_server(server, endpoint, args, reporter)
+        if not args.readonly:
+            await device.flush()
+        stats = device.statistics
+        log_event(logging.INFO, "stopped", "stopped", findings=reporter.count, reads=stats.reads,
+                  writes=stats.writes, bytes_verified=stats.bytes_verified,
+                  bytes_unverified=stats.bytes_unverified)
+        return status
+    finally:
+        device.raw.close()
+        device.test.close()
+        if report is not None:
+            report.close()
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        elif args.unix and os.path.exists(args.unix):
+            os.unlink(args.unix)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        configure_logging(args.verbose, args.log_format == "json")
+        return trio.run(serve, args)
+    except UsageError as error:
+        print(f"nbdverify: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as error:
+        print(f"nbdverify: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The NBD server: trio I/O around the sans-IO negotiation and the verified device."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import trio
+from nbdverify_protocol.constants import (
+    BASE_ALLOCATION,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReplyType,
+    TransmissionFlag,
+)
+from nbdverify_protocol.errors import RemoteProtocolError
+from nbdverify_protocol.events import (
+    BlockSize,
+    ClientRequest,
+    ExportDetails,
+    ExportInfoRequested,
+    ExportList,
+    ExportListing,
+    ExportListRequested,
+    ExportNameChosen,
+    MetaContextsGranted,
+    MetaContextsRequested,
+    NegotiationAborted,
+    OptionRefused,
+    ServerDecision,
+)
+from nbdverify_protocol.negotiation import NEED_DATA, ServerNegotiation, State, match_meta_contexts
+from nbdverify_protocol.transmission import (
+    MAX_EXTENT_LENGTH,
+    MAX_PAYLOAD,
+    MINIMUM_BLOCK_SIZE,
+    PREFERRED_BLOCK_SIZE,
+    REQUEST_HEADER,
+    Negotiated,
+    Request,
+    block_status_chunk,
+    error_reply,
+    none_chunk,
+    pack_read_reply_header,
+    parse_request,
+    read_reply_header_size,
+    request_error,
+    simple_reply,
+)
+
+from .device import DeviceError, VerificationFailed, VerifiedDevice
+from .log import log_event
+from .transport import ConnectionLost, Transport
+
+# Per connection: requests in flight, and the bytes their buffers may hold. A
+# client that sends requests and never reads replies stalls here, bounded.
+MAX_IN_FLIGHT = 64
+MEMORY_BUDGET = 256 * 1024 * 1024
+# How long in-flight requests may take to finish once the connection must close.
+CLOSE_GRACE_SECONDS = 30.0
+BASE_ALLOCATION_ID = 1
+
+ADVERTISED_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+    | TransmissionFlag.SEND_DF
+    | TransmissionFlag.SEND_CACHE
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    name: str = ""
+    description: str = ""
+    readonly: bool = False
+
+    @property
+    def transmission_flags(self) -> TransmissionFlag:
+        if self.readonly:
+            return ADVERTISED_FLAGS | TransmissionFlag.READ_ONLY
+        return ADVERTISED_FLAGS
+
+
+class MemoryBudget:
+    """Bytes that requests in flight may hold; `acquire` waits until they fit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = limit
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, amount: int) -> int:
+        amount = min(amount, self.limit)
+        while self._free < amount:
+            await self._lot.park()
+        self._free -= amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        self._free += amount
+        self._lot.unpark_all()
+
+
+class Server:
+    def __init__(self, device: VerifiedDevice, export: ExportConfig) -> None:
+        self.device = device
+        self.export = export
+        #: Set to stop: no new connections; open ones finish in-flight requests.
+        self.stopping = trio.Event()
+        self.connections = 0
+        self._ids = itertools.count(1)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept until stopped, then wait for open connections to finish."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept, listener, connections)
+                task_status.started()
+                await self.stopping.wait()
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            connections.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:  # EMFILE and friends: wait, do not spin or die
+                log_event(logging.WARNING, "accept-failed", f"accept failed: {error}")
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        connection = Connection(self, stream, next(self._ids))
+        self.connections += 1
+        try:
+            await connection.run()
+        finally:
+            self.connections -= 1
+            await stream.aclose()
+
+
+class Connection:
+    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+        self.server = server
+        self.device = server.device
+        self.number = number
+        self._transport = Transport(stream.socket)
+        self._send_lock = trio.Lock()
+        self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        self._memory = MemoryBudget(MEMORY_BUDGET)
+        self._session: Negotiated | None = None
+
+    def _log(self, level: int, event: str, message: str, **fields: object) -> None:
+        log_event(level, event, message, connection=self.number, **fields)
+
+    async def run(self) -> None:
+        self._log(logging.DEBUG, "connected", "client connected")
+        try:
+            session = await self._negotiate()
+            if session is not None:
+                self._session = session
+                await self._transmit(session)
+        except (RemoteProtocolError, ConnectionLost) as error:
+            self._log(logging.WARNING, "protocol-error", f"dropping client: {error}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as error:
+            self._log(logging.DEBUG, "connection-lost", f"connection lost: {error}")
+        self._log(logging.DEBUG, "disconnected", "client disconnected")
+
+    # --- Negotiation ------------------------------------------------------------------
+
+    async def _negotiate(self) -> Negotiated | None:
+        machine = ServerNegotiation()
+        while True:
+            if machine.state is State.AWAIT_OPTION or machine.state is State.AWAIT_CLIENT_FLAGS:
+                event = machine.next_event()
+                if event is NEED_DATA:
+                    await self._flush_negotiation(machine)
+                    data = await self._transport.receive_some()
+                    if not data:
+                        return None
+                    machine.receive_data(data)
+                elif isinstance(event, ClientRequest):
+                    machine.send(self._decide(event))
+                else:
+                    assert isinstance(event, NegotiationAborted)
+            else:
+                await self._flush_negotiation(machine)
+                if machine.state is State.TRANSMISSION:
+                    self._transport.unread(machine.trailing_data)
+                    return machine.negotiated
+                return None  # closed: aborted, or an export name we cannot serve
+
+    async def _flush_negotiation(self, machine: ServerNegotiation) -> None:
+        outgoing = machine.data_to_send()
+        if outgoing:
+            await self._transport.send(outgoing)
+
+    def _decide(self, request: ClientRequest) -> ServerDecision:
+        """The server's answer to one option: what exports exist and who may use them."""
+        export = self.server.export
+        if isinstance(request, ExportListRequested):
+            return ExportList((ExportListing(export.name, export.description),))
+        if isinstance(request, MetaContextsRequested):
+            refusal = self._refusal(request.export_name)
+            if refusal:
+                return refusal
+            names = match_meta_contexts(request.queries, [BASE_ALLOCATION], not request.select)
+            context_id = BASE_ALLOCATION_ID if request.select else 0
+            return MetaContextsGranted(tuple((context_id, name) for name in names))
+        assert isinstance(request, ExportInfoRequested | ExportNameChosen)
+        return self._refusal(request.name) or ExportDetails(
+            name=export.name,
+            size=self.device.size,
+            transmission_flags=export.transmission_flags,
+            description=export.description,
+            block_size=BlockSize(MINIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD),
+        )
+
+    def _refusal(self, name: str) -> OptionRefused | None:
+        export = self.server.export
+        if name not in (export.name, ""):
+            return OptionRefused(
+                OptionReplyType.ERR_UNKNOWN,
+                f"no export named {name!r}; this server exports {export.name!r}",
+            )
+        if self.device.stopped_by is not None:
+            return OptionRefused(
+                OptionReplyType.ERR_POLICY,
+                f"export stopped after a verification failure: {self.device.stopped_by.summary()}",
+            )
+        if self.server.stopping.is_set():
+            return OptionRefused(OptionReplyType.ERR_SHUTDOWN, "server is shutting down")
+        return None
+
+    # --- Transmission -----------------------------------------------------------------
+
+    async def _transmit(self, session: Negotiated) -> None:
+        async with trio.open_nursery() as handlers:
+            reading = trio.CancelScope()
+            watching = trio.CancelScope()
+            handlers.start_soon(self._stop_reading_when_told, reading, watching)
+            try:
+                with reading:
+                    await self._receive_requests(session, handlers)
+            finally:
+                watching.cancel()
+                handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+
+    async def _stop_reading_when_told(self, reading: trio.CancelScope,
+                                      watching: trio.CancelScope) -> None:
+        """The export stopped (mismatch) or the server is stopping: read no more
+        requests; those already in flight still finish."""
+        with watching:
+            async with trio.open_nursery() as race:
+                for event in (self.device.stopped, self.server.stopping):
+                    race.start_soon(_wait_then_cancel, event, race.cancel_scope)
+            reading.cancel()
+
+    async def _receive_requests(self, session: Negotiated, handlers: trio.Nursery) -> None:
+        while True:
+            header = await self._transport.receive_header(REQUEST_HEADER.size)
+            if header is None:
+                return
+            request = parse_request(header)
+            if request.command == Command.DISC:
+                return
+            error = request_error(request, session)
+            payload: bytearray | None = None
+            if request.command == Command.WRITE:
+                if error:
+                    await self._transport.discard(request.length)
+                else:
+                    await self._in_flight.acquire()
+                    charge = await self._memory.acquire(request.length)
+                    payload = bytearray(request.length)
+                    try:
+                        await self._transport.receive_into(memoryview(payload))
+                    except BaseException:
+                        self._release(charge)
+                        raise
+                    handlers.start_soon(self._serve, request, payload, charge)
+                    continue
+            if error:
+                await self._send(error_reply(request.cookie, error, session.structured_replies,
+                                             f"request refused: {error.name}"))
+                continue
+            await self._in_flight.acquire()
+            charge = 0
+            if request.command == Command.READ:
+                charge = await self._memory.acquire(2 * request.length)
+            handlers.start_soon(self._serve, request, payload, charge)
+
+    def _release(self, charge: int) -> None:
+        self._memory.release(charge)
+        self._in_flight.release()
+
+    async def _send(self, data: bytes | bytearray) -> None:
+        async with self._send_lock:
+            await self._transport.send(data)
+
+    async def _serve(self, request: Request, payload: bytearray | None, charge: int) -> None:
+        session = self._session
+        assert session is not None
+        try:
+            reply = await self._perform(request, payload, session)
+        except DeviceError as error:
+            reply = error_reply(request.cookie, error.error, session.structured_replies,
+                                str(error))
+        except VerificationFailed as failure:
+            finding = failure.finding
+            reply = error_reply(request.cookie, Errno.EIO, session.structured_replies,
+                                finding.client_message(), finding.error_offset)
+        try:
+            await self._send(reply)
+        finally:
+            self._release(charge)
+
+    async def _perform(self, request: Request, payload: bytearray | None,
+                       session: Negotiated) -> bytes | bytearray:
+        """Run one valid request on the device; the successful reply."""
+        command = request.command
+        cookie = request.cookie
+        if command == Command.READ and request.length == 0:
+            return none_chunk(cookie) if session.structured_replies else simple_reply(cookie)
+        if command == Command.READ:
+            headroom = read_reply_header_size(session.structured_replies)
+            data = await self.device.read(request.offset, request.length, headroom)
+            pack_read_reply_header(data, cookie, request.offset, request.length,
+                                   session.structured_replies)
+            return data
+        if command == Command.WRITE:
+            assert payload is not None
+            await self.device.write(request.offset, payload, request.fua)
+        elif command == Command.WRITE_ZEROES:
+            await self.device.write_zeroes(
+                request.offset,
+                request.length,
+                may_trim=not request.flags & CommandFlag.NO_HOLE,
+                fast=bool(request.flags & CommandFlag.FAST_ZERO),
+                fua=request.fua,
+            )
+        elif command == Command.TRIM:
+            await self.device.trim(request.offset, request.length, request.fua)
+        elif command == Command.FLUSH:
+            await self.device.flush()
+        elif command == Command.CACHE:
+            await self.device.cache(request.offset, request.length)
+        elif command == Command.BLOCK_STATUS:
+            return await self._block_status(request, session)
+        return simple_reply(cookie)
+
+    async def _block_status(self, request: Request, session: Negotiated) -> bytes:
+        length = min(request.length, MAX_EXTENT_LENGTH)
+        extents = await self.device.block_status(request.offset, length)
+        if request.flags & CommandFlag.REQ_ONE:
+            extents = extents[:1]
+        descriptors = [(extent.length, int(extent.state)) for extent in extents]
+        if not descriptors:
+            # Nothing known (an empty range): say "allocated", always safe.
+            descriptors = [(max(length, 1), 0)]
+        context_id = session.meta_contexts[0][0]
+        return block_status_chunk(request.cookie, context_id, descriptors)
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+

@@ -1,0 +1,4 @@
+"""Sans-IO NBD: wire structures and state machines, with no trio and no sockets.
+
+Installed as ``nbdverify_protocol`` (the source directory is ``protocol/``).
+"""

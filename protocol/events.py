@@ -1,0 +1,110 @@
+"""Negotiation events: what the client asked for, and what the server answers.
+
+The state machine in `negotiation` turns bytes into the `ClientRequest` events
+below and turns the application's `ServerDecision` events back into bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .constants import OptionReplyType, TransmissionFlag
+
+
+class Event:
+    """Base class of every negotiation event."""
+
+    __slots__ = ()
+
+
+# --- Client to server --------------------------------------------------------------
+
+
+class ClientRequest(Event):
+    """A client option the application must decide on."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExportListRequested(ClientRequest):
+    """NBD_OPT_LIST."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfoRequested(ClientRequest):
+    """NBD_OPT_INFO (go=False) or NBD_OPT_GO (go=True)."""
+
+    name: str
+    info_types: tuple[int, ...]
+    go: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExportNameChosen(ClientRequest):
+    """NBD_OPT_EXPORT_NAME: accept with ExportDetails or the connection is closed."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetaContextsRequested(ClientRequest):
+    """NBD_OPT_LIST_META_CONTEXT (select=False) or NBD_OPT_SET_META_CONTEXT."""
+
+    export_name: str
+    queries: tuple[str, ...]
+    select: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiationAborted(Event):
+    """NBD_OPT_ABORT: the acknowledgement is queued; close after sending it."""
+
+
+# --- Server to client --------------------------------------------------------------
+
+
+class ServerDecision(Event):
+    """The application's answer to the pending `ClientRequest`."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExportListing:
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportList(ServerDecision):
+    exports: tuple[ExportListing, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSize:
+    minimum: int
+    preferred: int
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportDetails(ServerDecision):
+    """Accepts NBD_OPT_INFO, NBD_OPT_GO or NBD_OPT_EXPORT_NAME for this export."""
+
+    name: str
+    size: int
+    transmission_flags: TransmissionFlag
+    description: str = ""
+    block_size: BlockSize | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetaContextsGranted(ServerDecision):
+    contexts: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OptionRefused(ServerDecision):
+    error: OptionReplyType
+    message: str = ""
