@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import trio
+
 from nbdverify_protocol.constants import AllocationState, Errno
 
 # Zero-fill fallbacks and extent scans work in steps of this size.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
+
 from nbdverify_protocol.constants import AllocationState, Errno
 
 from .children import Child, ChildError, Extent

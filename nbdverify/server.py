@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import trio
+
 from nbdverify_protocol.constants import (
     BASE_ALLOCATION,
     Command,
