@@ -178,10 +178,16 @@ class Connection:
             if session is not None:
                 self._session = session
                 await self._transmit(session)
-        except (RemoteProtocolError, ConnectionLost) as error:
-            self._log(logging.WARNING, "protocol-error", f"dropping client: {error}")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as error:
-            self._log(logging.DEBUG, "connection-lost", f"connection lost: {error}")
+        # Nurseries wrap errors in groups, hence except*. Whatever goes wrong ends
+        # this connection only, never the server or another client.
+        except* (RemoteProtocolError, ConnectionLost) as group:
+            self._log(logging.WARNING, "protocol-error", f"dropping client: {_first(group)}")
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as group:
+            self._log(logging.DEBUG, "connection-lost", f"connection lost: {_first(group)}")
+        except* Exception as group:
+            logging.getLogger("nbdverify").error(
+                "internal error; dropping this client", exc_info=_first(group),
+                extra={"event": "internal-error", "fields": {"connection": self.number}})
         self._log(logging.DEBUG, "disconnected", "client disconnected")
 
     # --- Negotiation ------------------------------------------------------------------
@@ -378,6 +384,14 @@ class Connection:
             descriptors = [(max(length, 1), 0)]
         context_id = session.meta_contexts[0][0]
         return block_status_chunk(request.cookie, context_id, descriptors)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of an exception group, for a one-line log message."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -161,7 +161,8 @@ class ServerNegotiation:
     def _receive_client_flags(self, data: bytes) -> None:
         flags = wire.ClientFlags.parse(data).client_flags
         offered = ClientFlag(int(self.handshake_flags))
-        if flags & ~(SUPPORTED_CLIENT_FLAGS & offered):
+        # int(): ~ on an IntFlag only inverts the bits the enum defines.
+        if flags & ~int(SUPPORTED_CLIENT_FLAGS & offered):
             raise self._fail(f"unknown or unoffered client flags 0x{flags:08x}")
         self.client_flags = ClientFlag(flags)
         self.state = State.AWAIT_OPTION

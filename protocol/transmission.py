@@ -96,7 +96,7 @@ def request_error(request: Request, session: Negotiated) -> Errno:
         command = Command(request.command)
     except ValueError:
         return Errno.EINVAL
-    if request.flags & ~ALLOWED_COMMAND_FLAGS[command]:
+    if request.flags & ~int(ALLOWED_COMMAND_FLAGS[command]):  # all unknown bits too
         return Errno.EINVAL
     flags = session.transmission_flags
     if request.flags & CommandFlag.FAST_ZERO and not flags & TransmissionFlag.SEND_FAST_ZERO:
