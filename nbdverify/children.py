@@ -61,7 +61,7 @@ class Child(Protocol):
     async def flush(self) -> None: ...
     async def cache(self, offset: int, length: int) -> None: ...
     async def extents(self, offset: int, length: int) -> list[Extent]: ...
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -217,6 +217,9 @@ class FileChild:
         except OSError as error:
             raise self._error("block_status", offset, length, error) from None
         return found
+
+    async def aclose(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._fd >= 0:

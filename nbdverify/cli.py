@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -19,11 +20,18 @@ from urllib.parse import quote
 import trio
 
 from . import __version__
-from .children import FileChild
-from .device import MismatchPolicy, SizeMismatch, VerifiedDevice
+from .children import Child, ChildError
+from .device import (
+    DeviceError,
+    MismatchPolicy,
+    SizeMismatch,
+    VerificationFailed,
+    VerifiedDevice,
+)
 from .log import configure_logging, log_event
 from .report import Reporter
 from .server import ExportConfig, Server
+from .specs import ChildSpec, SpecError, open_child, parse_images
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -58,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve RAW (trusted reference) and TEST (under test) as one verified "
         "NBD export. Give them as two arguments or as blkverify:RAW:TEST.",
     )
-    serve.add_argument("images", nargs="+", metavar="IMAGE", help="RAW TEST, or blkverify:RAW:TEST")
+    serve.add_argument("images", nargs="+", metavar="IMAGE",
+                       help="RAW TEST, blkverify:RAW:TEST or json:{\"driver\":\"blkverify\",...}; "
+                       "each a file in any format qemu-img knows, or an nbd:// or "
+                       "nbd+unix:// URI")
     where = serve.add_argument_group("where to listen")
     where.add_argument("-U", "--unix", metavar="PATH",
                        help="listen on a unix socket; '-' makes a private temporary one")
@@ -74,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--on-mismatch", choices=[p.value for p in MismatchPolicy],
                         default=MismatchPolicy.DISCONNECT.value,
                         help="what a mismatch does (default %(default)s)")
+    verify.add_argument("--raw-format", metavar="FORMAT",
+                        help="RAW's image format (default: as qemu-img info says)")
+    verify.add_argument("--test-format", metavar="FORMAT",
+                        help="TEST's image format (default: as qemu-img info says)")
+    verify.add_argument("--child-timeout", type=float, metavar="SECONDS",
+                        help="a child that takes longer to answer a request has failed it")
     verify.add_argument("--report", metavar="FILE",
                         help="append each finding to FILE as one JSON object a line")
     run = serve.add_argument_group("running")
@@ -85,19 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["text", "json"], default="text",
                      help="stderr log lines for people (text) or machines (json)")
     return parser
-
-
-def split_images(images: Sequence[str]) -> tuple[str, str]:
-    """RAW and TEST from `RAW TEST` or QEMU's legacy `blkverify:RAW:TEST` (which,
-    like QEMU, splits at the first colon: RAW cannot contain one)."""
-    if len(images) == 2:
-        return images[0], images[1]
-    if len(images) == 1 and images[0].startswith("blkverify:"):
-        raw, sep, test = images[0].removeprefix("blkverify:").partition(":")
-        if sep and raw and test:
-            return raw, test
-        raise UsageError(f"expected blkverify:RAW:TEST, got {images[0]!r}")
-    raise UsageError("expected RAW TEST or blkverify:RAW:TEST")
 
 
 @dataclass
@@ -135,28 +139,36 @@ class Endpoint:
         }
 
 
-def open_device(raw_path: str, test_path: str, args: argparse.Namespace,
-                reporter: Reporter) -> VerifiedDevice:
-    children = []
-    for role, path in (("raw", raw_path), ("test", test_path)):
-        try:
-            children.append(FileChild(role, path, readonly=args.readonly))
-        except OSError as error:
-            for child in children:
-                child.close()
-            raise StartupError(
-                f"cannot open {role.upper()} image {path}: {error.strerror or error}"
-            ) from None
-    raw, test = children
+async def open_device(args: argparse.Namespace, reporter: Reporter,
+                      nursery: trio.Nursery) -> VerifiedDevice:
+    """Open both children and check they fit together; StartupError if not."""
+    raw_spec, test_spec = args.children
+    raw_spec = ChildSpec(raw_spec.target, args.raw_format or raw_spec.image_format)
+    test_spec = ChildSpec(test_spec.target, args.test_format or test_spec.image_format)
+    children: list[Child] = []
     try:
-        return VerifiedDevice(raw, test, export_name=args.exportname,
-                              policy=MismatchPolicy(args.on_mismatch), on_finding=reporter)
-    except SizeMismatch as error:
-        raw.close()
-        test.close()
-        raise StartupError(
-            f"{error} (RAW {raw_path}, TEST {test_path}); they must start identical"
-        ) from None
+        for role, spec in (("raw", raw_spec), ("test", test_spec)):
+            try:
+                children.append(await open_child(role, spec, nursery, args.readonly,
+                                                 args.child_timeout))
+            except OSError as error:
+                raise StartupError(f"cannot open {role.upper()} image {spec.target}: "
+                                   f"{error.strerror or error}") from None
+            except ChildError as error:
+                raise StartupError(f"cannot open {role.upper()} {spec.target}: "
+                                   f"{error.detail}") from None
+        raw, test = children
+        try:
+            return VerifiedDevice(raw, test, export_name=args.exportname,
+                                  policy=MismatchPolicy(args.on_mismatch), on_finding=reporter)
+        except SizeMismatch as error:
+            raise StartupError(f"{error} (RAW {raw_spec.target}, TEST {test_spec.target}); "
+                               "they must start identical") from None
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for child in children:
+                await child.aclose()
+        raise
 
 
 async def open_listeners(endpoint: Endpoint) -> list[trio.SocketListener]:
@@ -233,51 +245,64 @@ async def _run_command(command: str, endpoint: Endpoint, server: Server, reporte
 
 
 async def serve(args: argparse.Namespace) -> int:
-    raw_path, test_path = split_images(args.images)
-    report: IO[str] | None = None
     reporter = Reporter()
-    device = open_device(raw_path, test_path, args, reporter)
+    report: IO[str] | None = None
     private_dir: str | None = None
-    try:
-        unix_path = args.unix
-        if unix_path == "-":
-            private_dir = tempfile.mkdtemp(prefix="nbdverify-")
-            unix_path = os.path.join(private_dir, "socket")
-        endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port)
-        if args.report:
-            report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-            reporter.attach(report)
-        server = Server(device, ExportConfig(args.exportname, args.description, args.readonly))
-        status = await run_server(server, endpoint, args, reporter)
-        if not args.readonly:
-            await device.flush()
-        stats = device.statistics
-        log_event(logging.INFO, "stopped", "stopped", findings=reporter.count, reads=stats.reads,
-                  writes=stats.writes, bytes_verified=stats.bytes_verified,
-                  bytes_unverified=stats.bytes_unverified)
-        return status
-    finally:
-        device.raw.close()
-        device.test.close()
-        if report is not None:
-            report.close()
-        if private_dir is not None:
-            shutil.rmtree(private_dir, ignore_errors=True)
-        elif args.unix and os.path.exists(args.unix):
-            os.unlink(args.unix)
+    async with trio.open_nursery() as children_tasks:
+        device = await open_device(args, reporter, children_tasks)
+        try:
+            unix_path = args.unix
+            if unix_path == "-":
+                private_dir = tempfile.mkdtemp(prefix="nbdverify-")
+                unix_path = os.path.join(private_dir, "socket")
+            endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port)
+            if args.report:
+                report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+                reporter.attach(report)
+            server = Server(device, ExportConfig(args.exportname, args.description,
+                                                 args.readonly))
+            status = await run_server(server, endpoint, args, reporter)
+            if not args.readonly:
+                with contextlib.suppress(DeviceError, VerificationFailed):
+                    await device.flush()
+            stats = device.statistics
+            log_event(logging.INFO, "stopped", "stopped", findings=reporter.count,
+                      reads=stats.reads, writes=stats.writes,
+                      bytes_verified=stats.bytes_verified,
+                      bytes_unverified=stats.bytes_unverified)
+            return status
+        finally:
+            with trio.CancelScope(shield=True):
+                await device.raw.aclose()
+                await device.test.aclose()
+            children_tasks.cancel_scope.cancel()
+            if report is not None:
+                report.close()
+            if private_dir is not None:
+                shutil.rmtree(private_dir, ignore_errors=True)
+            elif args.unix and os.path.exists(args.unix):
+                os.unlink(args.unix)
+    raise AssertionError("unreachable")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        configure_logging(args.verbose, args.log_format == "json")
-        return trio.run(serve, args)
-    except UsageError as error:
+        args.children = parse_images(args.images)
+    except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except StartupError as error:
-        print(f"nbdverify: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    configure_logging(args.verbose, args.log_format == "json")
+    try:
+        return trio.run(serve, args)
+    except BaseException as error:
+        # Errors raised inside a nursery arrive wrapped in exception groups.
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, StartupError):
+            print(f"nbdverify: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":

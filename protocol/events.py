@@ -6,9 +6,20 @@ below and turns the application's `ServerDecision` events back into bytes.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Final
 
 from .constants import OptionReplyType, TransmissionFlag
+
+
+class NeedData(enum.Enum):
+    """What `next_event()` returns when more bytes must arrive first."""
+
+    NEED_DATA = "need-data"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
 
 
 class Event:

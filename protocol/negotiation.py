@@ -28,6 +28,7 @@ from .constants import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
+    NEED_DATA,
     ClientRequest,
     Event,
     ExportDetails,
@@ -37,6 +38,7 @@ from .events import (
     ExportNameChosen,
     MetaContextsGranted,
     MetaContextsRequested,
+    NeedData,
     NegotiationAborted,
     OptionRefused,
     ServerDecision,
@@ -56,13 +58,6 @@ class State(enum.Enum):
     #: Aborted or refused: send what is queued, then close.
     CLOSED = "closed"
 
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 # Which decisions answer which request. A decision not listed here is a
 # LocalProtocolError.
@@ -136,7 +131,7 @@ class ServerNegotiation:
 
     # --- Events out ----------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         while True:
             if self.state is State.AWAIT_CLIENT_FLAGS:
                 if len(self._received) < 4:
@@ -167,7 +162,7 @@ class ServerNegotiation:
         self.client_flags = ClientFlag(flags)
         self.state = State.AWAIT_OPTION
 
-    def _receive_option(self) -> Event | _NeedData | None:
+    def _receive_option(self) -> Event | NeedData | None:
         """One step of option parsing: an event, NEED_DATA, or None to keep going."""
         if self._skipping:
             dropped = min(self._skipping, len(self._received))
@@ -186,6 +181,9 @@ class ServerNegotiation:
         fixed = self.client_flags & ClientFlag.FIXED_NEWSTYLE
         if not fixed and header.option != Option.EXPORT_NAME:
             raise self._fail(f"option {header.option} needs fixed newstyle")
+        if header.option == Option.SET_META_CONTEXT:
+            # The spec: SET replaces the selection "including when this command fails".
+            self._selected_contexts = ("", ())
         if header.length > self._max_option_length:
             if header.option == Option.EXPORT_NAME:
                 raise self._fail("export name too long")

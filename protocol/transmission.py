@@ -96,9 +96,12 @@ def request_error(request: Request, session: Negotiated) -> Errno:
         command = Command(request.command)
     except ValueError:
         return Errno.EINVAL
-    if request.flags & ~int(ALLOWED_COMMAND_FLAGS[command]):  # all unknown bits too
-        return Errno.EINVAL
     flags = session.transmission_flags
+    allowed = int(ALLOWED_COMMAND_FLAGS[command])
+    if flags & TransmissionFlag.SEND_FUA:
+        allowed |= int(CommandFlag.FUA)  # the spec: then FUA is valid on every command
+    if request.flags & ~allowed:  # int, so unknown bits count too
+        return Errno.EINVAL
     if request.flags & CommandFlag.FAST_ZERO and not flags & TransmissionFlag.SEND_FAST_ZERO:
         return Errno.EINVAL
     if request.flags & CommandFlag.DF and not session.structured_replies:

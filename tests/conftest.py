@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support import ImagePair, RunningServer, make_pair, start_server
 
 

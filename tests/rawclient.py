@@ -123,7 +123,7 @@ class RawClient:
             return Reply(cookie, error, data)
         assert magic == STRUCTURED_REPLY_MAGIC, hex(magic)
         result = Reply(0, 0, chunks=0)
-        data = bytearray()
+        collected = bytearray()
         while True:
             if result.chunks:
                 assert struct.unpack(">I", await self.receive_exactly(4))[0] == magic
@@ -133,12 +133,12 @@ class RawClient:
             result.cookie = cookie
             result.chunks += 1
             if chunk_type == ChunkType.OFFSET_DATA:
-                data += body[8:]
+                collected += body[8:]
             elif chunk_type in (ChunkType.ERROR, ChunkType.ERROR_OFFSET):
                 result.error, message_length = struct.unpack(">IH", body[:6])
                 result.message = body[6:6 + message_length]
             elif chunk_type == ChunkType.BLOCK_STATUS:
-                data += body
+                collected += body
             if flags & ReplyFlag.DONE:
-                result.data = bytes(data)
+                result.data = bytes(collected)
                 return result
