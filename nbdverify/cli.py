@@ -29,6 +29,7 @@ from .device import (
     VerifiedDevice,
 )
 from .log import configure_logging, log_event
+from .process import set_parent_death_signal
 from .report import Reporter
 from .server import ExportConfig, Server
 from .specs import ChildSpec, SpecError, open_child, parse_images
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", metavar="CMD",
                      help="run CMD with $uri $nbd $unixsocket $port $exportname set, then exit "
                      "with its status (3 if any mismatch was seen)")
+    run.add_argument("--exit-with-parent", action="store_true",
+                     help="shut down when the process that started us exits")
     run.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     run.add_argument("--log-format", choices=["text", "json"], default="text",
                      help="stderr log lines for people (text) or machines (json)")
@@ -112,6 +115,8 @@ class Endpoint:
     unix_path: str | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    #: The socket came from socket activation: not ours to remove.
+    activated: bool = False
 
     @property
     def uri(self) -> str:
@@ -171,7 +176,32 @@ async def open_device(args: argparse.Namespace, reporter: Reporter,
         raise
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def activated_socket() -> trio.socket.SocketType | None:
+    """The listening socket systemd-style socket activation handed us (fd 3), as
+    `nbdinfo -- [ nbdverify serve ... ]` and nbdcopy do; None if not activated."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # meant for us, not for processes we start
+    if not count.isdigit() or int(count) < 1:
+        return None
+    return trio.socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
 async def open_listeners(endpoint: Endpoint) -> list[trio.SocketListener]:
+    activated = activated_socket()
+    if activated is not None:
+        name = activated.getsockname()
+        if activated.family == trio.socket.AF_UNIX:
+            endpoint.unix_path = name if isinstance(name, str) else name.decode()
+        else:
+            endpoint.host, endpoint.port = name[0], name[1]
+        endpoint.activated = True
+        return [trio.SocketListener(activated)]
     if endpoint.unix_path is None:
         listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
         endpoint.port = listeners[0].socket.getsockname()[1]
@@ -293,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(args.verbose, args.log_format == "json")
+    if args.exit_with_parent:
+        set_parent_death_signal(signal.SIGTERM)  # a graceful shutdown, as on Ctrl-C
     try:
         return trio.run(serve, args)
     except BaseException as error:

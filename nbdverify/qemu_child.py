@@ -8,12 +8,10 @@ SIGKILL), so no qemu-nbd outlives us.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 
@@ -24,15 +22,10 @@ from nbdverify_protocol.constants import Errno
 from .children import ChildError
 from .log import log_event
 from .nbd_child import NbdChild
+from .process import die_with_parent
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL when the server exits."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def probe_format(path: str) -> str:
@@ -72,7 +65,7 @@ async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio
         command.append("--read-only")
     process = await trio.lowlevel.open_process(
         [*command, "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+        stderr=subprocess.PIPE, preexec_fn=die_with_parent,
         start_new_session=True)  # a Ctrl-C on our terminal must not stop it mid-flush
     assert process.stderr is not None
     nursery.start_soon(_log_stderr, name, process.stderr)

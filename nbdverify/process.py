@@ -1,0 +1,21 @@
+"""Tying process lifetimes together (Linux prctl)."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: signal.Signals) -> None:
+    """Have the kernel send `sig` to this process when its parent exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def die_with_parent() -> None:
+    """For subprocesses we own (a preexec_fn): SIGKILL when the server exits, even
+    if the server itself was killed and could not clean up."""
+    set_parent_death_signal(signal.SIGKILL)
