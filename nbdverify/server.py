@@ -63,8 +63,13 @@ MEMORY_BUDGET = 256 * 1024 * 1024
 CLOSE_GRACE_SECONDS = 30.0
 BASE_ALLOCATION_ID = 1
 
+# CAN_MULTI_CONN holds: all connections share one device, so overlapping requests
+# are ordered across connections, and FLUSH syncs both children whole (fdatasync
+# of each file; FLUSH on the single connection to an NBD child), which covers every
+# completed write from every connection.
 ADVERTISED_FLAGS = (
     TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.CAN_MULTI_CONN
     | TransmissionFlag.SEND_FLUSH
     | TransmissionFlag.SEND_FUA
     | TransmissionFlag.SEND_TRIM
