@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import stat
 import sys
 import tempfile
@@ -18,6 +19,8 @@ from typing import IO, NoReturn
 from urllib.parse import quote
 
 import trio
+
+from nbdverify_protocol.negotiation import TlsMode
 
 from . import __version__
 from .children import Child, ChildError
@@ -31,7 +34,7 @@ from .device import (
 from .log import configure_logging, log_event
 from .process import set_parent_death_signal
 from .report import Reporter
-from .server import ExportConfig, Server
+from .server import ExportConfig, Server, TlsConfig
 from .specs import ChildSpec, SpecError, open_child, parse_images
 
 EXIT_OK = 0
@@ -82,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-e", "--exportname", default="", help="export name (default empty)")
     export.add_argument("--description", default="", help="export description for clients")
     export.add_argument("-r", "--readonly", action="store_true", help="refuse all writes")
+    tls = serve.add_argument_group("TLS (X.509, as qemu-nbd and nbdkit)")
+    tls.add_argument("--tls", choices=[mode.value for mode in TlsMode], default="off",
+                     help="off (default), on (clients may use STARTTLS) or require")
+    tls.add_argument("--tls-certificates", metavar="DIR",
+                     help="directory with ca-cert.pem, server-cert.pem and server-key.pem")
+    tls.add_argument("--tls-verify-peer", action="store_true",
+                     help="require a client certificate signed by ca-cert.pem")
     verify = serve.add_argument_group("verification")
     verify.add_argument("--on-mismatch", choices=[p.value for p in MismatchPolicy],
                         default=MismatchPolicy.DISCONNECT.value,
@@ -117,14 +127,16 @@ class Endpoint:
     port: int = DEFAULT_PORT
     #: The socket came from socket activation: not ours to remove.
     activated: bool = False
+    tls_required: bool = False
 
     @property
     def uri(self) -> str:
         name = quote(self.export_name)
+        scheme = "nbds" if self.tls_required else "nbd"
         if self.unix_path is not None:
-            return f"nbd+unix:///{name}?socket={quote(self.unix_path)}"
+            return f"{scheme}+unix:///{name}?socket={quote(self.unix_path)}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{name}"
+        return f"{scheme}://{host}:{self.port}/{name}"
 
     @property
     def qemu_name(self) -> str:
@@ -190,6 +202,25 @@ def activated_socket() -> trio.socket.SocketType | None:
     if not count.isdigit() or int(count) < 1:
         return None
     return trio.socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The server's TLS settings from the certificate directory, in the layout
+    qemu-nbd and nbdkit use."""
+    mode = TlsMode(args.tls)
+    if mode is TlsMode.OFF:
+        return None
+    directory = Path(args.tls_certificates)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(directory / "server-cert.pem", directory / "server-key.pem")
+        if args.tls_verify_peer:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(directory / "ca-cert.pem")
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"cannot load TLS certificates from {directory}: {error}") from None
+    return TlsConfig(mode, context)
 
 
 async def open_listeners(endpoint: Endpoint) -> list[trio.SocketListener]:
@@ -285,12 +316,13 @@ async def serve(args: argparse.Namespace) -> int:
             if unix_path == "-":
                 private_dir = tempfile.mkdtemp(prefix="nbdverify-")
                 unix_path = os.path.join(private_dir, "socket")
-            endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port)
+            endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port,
+                                tls_required=args.tls == TlsMode.REQUIRE.value)
             if args.report:
                 report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
                 reporter.attach(report)
             server = Server(device, ExportConfig(args.exportname, args.description,
-                                                 args.readonly))
+                                                 args.readonly), tls_config(args))
             status = await run_server(server, endpoint, args, reporter)
             if not args.readonly:
                 with contextlib.suppress(DeviceError, VerificationFailed):
@@ -319,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.children = parse_images(args.images)
+        if args.tls != TlsMode.OFF.value and not args.tls_certificates:
+            raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
     except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE

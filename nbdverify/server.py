@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 from dataclasses import dataclass
 
 import trio
@@ -31,8 +32,15 @@ from nbdverify_protocol.events import (
     NegotiationAborted,
     OptionRefused,
     ServerDecision,
+    TlsRequested,
 )
-from nbdverify_protocol.negotiation import NEED_DATA, ServerNegotiation, State, match_meta_contexts
+from nbdverify_protocol.negotiation import (
+    NEED_DATA,
+    ServerNegotiation,
+    State,
+    TlsMode,
+    match_meta_contexts,
+)
 from nbdverify_protocol.transmission import (
     MAX_EXTENT_LENGTH,
     MAX_PAYLOAD,
@@ -113,10 +121,18 @@ class MemoryBudget:
         self._lot.unpark_all()
 
 
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    mode: TlsMode
+    context: ssl.SSLContext
+
+
 class Server:
-    def __init__(self, device: VerifiedDevice, export: ExportConfig) -> None:
+    def __init__(self, device: VerifiedDevice, export: ExportConfig,
+                 tls: TlsConfig | None = None) -> None:
         self.device = device
         self.export = export
+        self.tls = tls
         #: Set to stop: no new connections; open ones finish in-flight requests.
         self.stopping = trio.Event()
         self.connections = 0
@@ -167,7 +183,8 @@ class Connection:
         self.server = server
         self.device = server.device
         self.number = number
-        self._transport = Transport(stream.socket)
+        self._stream: trio.abc.Stream = stream
+        self._transport = Transport.over_socket(stream.socket)
         self._send_lock = trio.Lock()
         self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self._memory = MemoryBudget(MEMORY_BUDGET)
@@ -198,7 +215,8 @@ class Connection:
     # --- Negotiation ------------------------------------------------------------------
 
     async def _negotiate(self) -> Negotiated | None:
-        machine = ServerNegotiation()
+        tls = self.server.tls
+        machine = ServerNegotiation(tls=tls.mode if tls else TlsMode.OFF)
         while True:
             if machine.state is State.AWAIT_OPTION or machine.state is State.AWAIT_CLIENT_FLAGS:
                 event = machine.next_event()
@@ -210,6 +228,10 @@ class Connection:
                     machine.receive_data(data)
                 elif isinstance(event, ClientRequest):
                     machine.send(self._decide(event))
+                elif isinstance(event, TlsRequested):
+                    await self._flush_negotiation(machine)
+                    await self._start_tls()
+                    machine.tls_established()
                 else:
                     assert isinstance(event, NegotiationAborted)
             else:
@@ -218,6 +240,18 @@ class Connection:
                     self._transport.unread(machine.trailing_data)
                     return machine.negotiated
                 return None  # closed: aborted, or an export name we cannot serve
+
+    async def _start_tls(self) -> None:
+        """Wrap the connection in TLS; from here on, every byte goes through it."""
+        assert self.server.tls is not None
+        stream = trio.SSLStream(self._stream, self.server.tls.context, server_side=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as error:
+            raise ConnectionLost(f"TLS handshake failed: {error.__cause__ or error}") from None
+        self._stream = stream
+        self._transport = Transport.over_stream(stream)
+        self._log(logging.DEBUG, "tls", "TLS established")
 
     async def _flush_negotiation(self, machine: ServerNegotiation) -> None:
         outgoing = machine.data_to_send()

@@ -1,13 +1,19 @@
-"""Exact-size reads and whole writes on a connected trio socket.
+"""Exact-size reads and whole writes on a connection.
 
 The request loop needs "exactly 28 bytes", "exactly N bytes of payload, straight
-into this buffer" and "skip N bytes"; trio's streams offer `receive_some`. Reading
-through the raw socket with `recv_into` saves a copy per receive.
+into this buffer" and "skip N bytes"; trio's streams offer `receive_some`. On a
+plain socket, reading with `recv_into` saves a copy per receive; inside TLS the
+same calls go through trio's SSLStream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
+
+ReceiveInto = Callable[[memoryview], Awaitable[int]]
+SendSome = Callable[[memoryview], Awaitable[int]]
 
 RECEIVE_SIZE = 256 * 1024
 DISCARD_CHUNK = 1024 * 1024
@@ -18,11 +24,29 @@ class ConnectionLost(Exception):
 
 
 class Transport:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self._sock = sock
+    def __init__(self, receive_into: ReceiveInto, send_some: SendSome) -> None:
+        self._receive_into = receive_into
+        self._send_some = send_some
         self._buffer = bytearray(RECEIVE_SIZE)
         self._start = 0  # unread bytes are self._buffer[self._start:self._end]
         self._end = 0
+
+    @classmethod
+    def over_socket(cls, sock: trio.socket.SocketType) -> Transport:
+        return cls(sock.recv_into, sock.send)
+
+    @classmethod
+    def over_stream(cls, stream: trio.abc.Stream) -> Transport:
+        async def receive_into(view: memoryview) -> int:
+            data = await stream.receive_some(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+        async def send_some(view: memoryview) -> int:
+            await stream.send_all(view)
+            return len(view)
+
+        return cls(receive_into, send_some)
 
     @property
     def buffered(self) -> int:
@@ -46,7 +70,7 @@ class Transport:
             remaining = self._buffer[self._start:self._end]
             self._buffer[: len(remaining)] = remaining
             self._start, self._end = 0, len(remaining)
-        count: int = await self._sock.recv_into(memoryview(self._buffer)[self._end:])
+        count: int = await self._receive_into(memoryview(self._buffer)[self._end:])
         self._end += count
         return count
 
@@ -75,7 +99,7 @@ class Transport:
         target[:have] = self._buffer[self._start:self._start + have]
         self._start += have
         while have < len(target):
-            count: int = await self._sock.recv_into(target[have:])
+            count: int = await self._receive_into(target[have:])
             if count == 0:
                 raise ConnectionLost("connection closed inside a payload")
             have += count
@@ -89,7 +113,7 @@ class Transport:
             return
         scratch = memoryview(bytearray(min(count, DISCARD_CHUNK)))
         while count:
-            received: int = await self._sock.recv_into(scratch[: min(count, len(scratch))])
+            received: int = await self._receive_into(scratch[: min(count, len(scratch))])
             if received == 0:
                 raise ConnectionLost("connection closed inside a discarded payload")
             count -= received
@@ -97,5 +121,5 @@ class Transport:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
-            sent: int = await self._sock.send(view)
+            sent = await self._send_some(view)
             view = view[sent:]

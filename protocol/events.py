@@ -68,6 +68,12 @@ class MetaContextsRequested(ClientRequest):
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRequested(Event):
+    """NBD_OPT_STARTTLS was acknowledged: send the queued bytes, run the TLS
+    handshake, then call `tls_established()` on the state machine."""
+
+
+@dataclass(frozen=True, slots=True)
 class NegotiationAborted(Event):
     """NBD_OPT_ABORT: the acknowledgement is queued; close after sending it."""
 

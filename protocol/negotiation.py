@@ -42,6 +42,7 @@ from .events import (
     NegotiationAborted,
     OptionRefused,
     ServerDecision,
+    TlsRequested,
 )
 from .transmission import Negotiated, truncate_message
 
@@ -53,6 +54,8 @@ class State(enum.Enum):
     AWAIT_OPTION = "await-option"
     #: An option was handed to the application, which must `send` a decision.
     AWAIT_DECISION = "await-decision"
+    #: STARTTLS was acknowledged; the application runs the TLS handshake.
+    AWAIT_TLS = "await-tls"
     #: Negotiation is over; requests follow (see `negotiated`).
     TRANSMISSION = "transmission"
     #: Aborted or refused: send what is queued, then close.
@@ -93,13 +96,25 @@ def match_meta_contexts(
     return chosen
 
 
+class TlsMode(enum.Enum):
+    #: STARTTLS is refused (NBD_REP_ERR_UNSUP).
+    OFF = "off"
+    #: Clients may upgrade with STARTTLS, or go on without TLS.
+    ON = "on"
+    #: Every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until TLS is up.
+    REQUIRE = "require"
+
+
 class ServerNegotiation:
     def __init__(
         self,
         handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES,
         max_option_length: int = MAX_OPTION_LENGTH,
+        tls: TlsMode = TlsMode.OFF,
     ) -> None:
         self.state = State.AWAIT_CLIENT_FLAGS
+        self.tls = tls
+        self.tls_active = False
         self.handshake_flags = handshake_flags
         self.client_flags = ClientFlag(0)
         self.structured_replies = False
@@ -115,7 +130,7 @@ class ServerNegotiation:
     # --- Bytes ---------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self.state in (State.TRANSMISSION, State.CLOSED):
+        if self.state in (State.TRANSMISSION, State.CLOSED, State.AWAIT_TLS):
             raise LocalProtocolError(f"no negotiation data expected in state {self.state}")
         self._received += data
 
@@ -204,6 +219,12 @@ class ServerNegotiation:
         except ValueError:
             known = None
         handler = self._HANDLERS.get(known) if known is not None else None
+        if (self.tls is TlsMode.REQUIRE and not self.tls_active
+                and known not in (Option.STARTTLS, Option.ABORT)):
+            if option == Option.EXPORT_NAME:
+                raise self._fail("NBD_OPT_EXPORT_NAME before the required STARTTLS")
+            self._reply_error(OptionReplyType.ERR_TLS_REQD, "TLS is required: use STARTTLS")
+            return None
         if handler is None:
             self._reply_error(OptionReplyType.ERR_UNSUP, f"option {option} is not supported")
             return None
@@ -234,8 +255,29 @@ class ServerNegotiation:
             raise _InvalidOption("NBD_OPT_LIST takes no data")
         return ExportListRequested()
 
-    def _on_starttls(self, payload: bytes) -> None:
-        self._reply_error(OptionReplyType.ERR_UNSUP, "TLS is not enabled on this server")
+    def _on_starttls(self, payload: bytes) -> Event | None:
+        if self.tls is TlsMode.OFF:
+            self._reply_error(OptionReplyType.ERR_UNSUP, "TLS is not enabled on this server")
+            return None
+        if self.tls_active:
+            raise _InvalidOption("TLS is already active")
+        if payload:
+            raise _InvalidOption("NBD_OPT_STARTTLS takes no data")
+        if self._received:
+            raise self._fail("data sent after STARTTLS before its reply")
+        self._reply(OptionReplyType.ACK)
+        self.state = State.AWAIT_TLS
+        return TlsRequested()
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded: negotiation starts over inside it, with
+        everything agreed before forgotten, as the spec requires."""
+        if self.state is not State.AWAIT_TLS:
+            raise LocalProtocolError(f"tls_established called in state {self.state}")
+        self.tls_active = True
+        self.structured_replies = False
+        self._selected_contexts = ("", ())
+        self.state = State.AWAIT_OPTION
 
     def _on_info_or_go(self, payload: bytes) -> Event:
         request = wire.InfoRequest.parse(payload)
