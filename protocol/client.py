@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from construct import ConstructError
 
 from . import wire
+from .buffers import ByteConversation
 from .constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -65,16 +66,15 @@ class ClientState(enum.Enum):
     TRANSMISSION = "transmission"
 
 
-class ClientNegotiation:
+class ClientNegotiation(ByteConversation):
     """Fixed newstyle: STRUCTURED_REPLY, SET_META_CONTEXT, then GO. Structured
     replies and metadata contexts are used when the server offers them."""
 
     def __init__(self, export_name: str = "", structured_replies: bool = True,
                  meta_contexts: Sequence[str] = ()) -> None:
+        super().__init__()
         self.state = ClientState.AWAIT_GREETING
         self.export_name = export_name
-        self._received = bytearray()
-        self._outgoing = bytearray()
         self._plan: list[Option] = []
         if structured_replies:
             self._plan.append(Option.STRUCTURED_REPLY)
@@ -88,18 +88,6 @@ class ClientNegotiation:
         self._size: int | None = None
         self._flags = TransmissionFlag(0)
         self._block_size: BlockSize | None = None
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._received += data
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._outgoing)
-        self._outgoing.clear()
-        return out
-
-    @property
-    def trailing_data(self) -> bytes:
-        return bytes(self._received)
 
     def next_event(self) -> ExportOpened | NeedData:
         while True:
@@ -126,11 +114,6 @@ class ClientNegotiation:
                     return opened
             else:
                 return NEED_DATA
-
-    def _take(self, count: int) -> bytes:
-        data = bytes(self._received[:count])
-        del self._received[:count]
-        return data
 
     def _receive_greeting(self, data: bytes) -> None:
         try:

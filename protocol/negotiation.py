@@ -16,6 +16,7 @@ from typing import ClassVar
 from construct import ConstructError
 
 from . import wire
+from .buffers import ByteConversation
 from .constants import (
     BASE_ALLOCATION,
     MAX_OPTION_LENGTH,
@@ -105,13 +106,14 @@ class TlsMode(enum.Enum):
     REQUIRE = "require"
 
 
-class ServerNegotiation:
+class ServerNegotiation(ByteConversation):
     def __init__(
         self,
         handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES,
         max_option_length: int = MAX_OPTION_LENGTH,
         tls: TlsMode = TlsMode.OFF,
     ) -> None:
+        super().__init__()
         self.state = State.AWAIT_CLIENT_FLAGS
         self.tls = tls
         self.tls_active = False
@@ -120,8 +122,7 @@ class ServerNegotiation:
         self.structured_replies = False
         self.negotiated: Negotiated | None = None
         self._max_option_length = max_option_length
-        self._received = bytearray()
-        self._outgoing = bytearray(wire.ServerGreeting.build({"handshake_flags": handshake_flags}))
+        self._outgoing += wire.ServerGreeting.build({"handshake_flags": handshake_flags})
         self._pending: ClientRequest | None = None
         self._pending_option = 0
         self._skipping = 0  # bytes of an oversized option still to discard
@@ -132,17 +133,7 @@ class ServerNegotiation:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.state in (State.TRANSMISSION, State.CLOSED, State.AWAIT_TLS):
             raise LocalProtocolError(f"no negotiation data expected in state {self.state}")
-        self._received += data
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._outgoing)
-        self._outgoing.clear()
-        return out
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes received after negotiation ended: the first requests."""
-        return bytes(self._received)
+        super().receive_data(data)
 
     # --- Events out ----------------------------------------------------------------
 
@@ -158,11 +149,6 @@ class ServerNegotiation:
                     return event
             else:
                 raise LocalProtocolError(f"next_event called in state {self.state}")
-
-    def _take(self, count: int) -> bytes:
-        data = bytes(self._received[:count])
-        del self._received[:count]
-        return data
 
     def _fail(self, reason: str) -> RemoteProtocolError:
         self.state = State.CLOSED
