@@ -7,11 +7,11 @@ import struct
 from pathlib import Path
 
 import trio
+from rawclient import RawClient
+from support import RunningServer, require_tool, run
 
 from nbdverify_protocol import wire
 from nbdverify_protocol.constants import Command, CommandFlag, Errno, Option, OptionReplyType
-from rawclient import RawClient
-from support import RunningServer, require_tool, run
 
 MiB = 1024 * 1024
 TIMEOUT = 30
