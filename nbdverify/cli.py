@@ -271,13 +271,15 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
             Path(args.pidfile).write_text(f"{os.getpid()}\n")
         log_event(logging.INFO, "serving", f"serving {endpoint.uri}", uri=endpoint.uri,
                   raw=server.device.raw.location, test=server.device.test.location)
-        nursery.start_soon(_stop_on_signal, server)
-        if server.device.policy is MismatchPolicy.EXIT:
-            nursery.start_soon(_exit_on_mismatch, server, outcome)
-        if args.run:
-            nursery.start_soon(_run_command, args.run, endpoint, server, reporter, outcome)
-        await server.stopping.wait()
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as helpers:
+            helpers.start_soon(_stop_on_signal, server)
+            if server.device.policy is MismatchPolicy.EXIT:
+                helpers.start_soon(_exit_on_mismatch, server, outcome)
+            if args.run:
+                helpers.start_soon(_run_command, args.run, endpoint, server, reporter, outcome)
+            await server.stopping.wait()
+            helpers.cancel_scope.cancel()
+        # server.serve, still running in `nursery`, lets open connections finish.
     return outcome.exit_status
 
 

@@ -324,6 +324,8 @@ class Connection:
             header = await self._transport.receive_header(REQUEST_HEADER.size)
             if header is None:
                 return
+            if self.device.stopped.is_set() or self.server.stopping.is_set():
+                return  # arrived after the export stopped: serve nothing more
             request = parse_request(header)
             if request.command == Command.DISC:
                 return
