@@ -1,0 +1,171 @@
+"""Helpers for the peer interop tests (tests/test_peers.py): sparse image pairs,
+cheap byte comparisons, a watchdog for in-process libnbd calls, and a minimal
+hand-rolled NBD client for the one request libnbd will not send (> 64 MiB)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import SYSTEM_PATH, ImagePair, RunningServer
+
+KiB = 1024
+MiB = 1024 * KiB
+MAX_REQUEST = 64 * MiB
+
+#: Environment for nbdsh, which runs `python3 -m nbd` from PATH.
+SYSTEM_ENV = {**os.environ, "PATH": SYSTEM_PATH}
+
+#: libnbd's Python binding is untyped; its handle is nbd.NBD.
+Handle = Any
+
+
+def make_sparse_pair(directory: Path, size: int) -> ImagePair:
+    """RAW and TEST as fully sparse (all-hole, all-zero) files of `size` bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = directory / "raw.img"
+    test = directory / "test.img"
+    for path in (raw, test):
+        with path.open("wb") as f:
+            f.truncate(size)
+    return ImagePair(raw, test)
+
+
+def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
+    """Offset of the first differing byte (or the shorter length), None if equal.
+    Never hand multi-MiB bytes to a bare `assert a == b`: pytest's diff is slow."""
+    if a == b:
+        return None
+    limit = min(len(a), len(b))
+    low, step = 0, 1 * MiB
+    while low < limit and a[low:low + step] == b[low:low + step]:
+        low += step
+    for index in range(low, min(low + step, limit)):
+        if a[index] != b[index]:
+            return index
+    return limit
+
+
+def assert_same_bytes(actual: bytes | bytearray, expected: bytes | bytearray, what: str) -> None:
+    where = first_difference(actual, expected)
+    if where is not None:
+        pytest.fail(
+            f"{what}: differ at offset {where} (lengths {len(actual)} vs {len(expected)}): "
+            f"{actual[where:where + 16].hex()} vs {expected[where:where + 16].hex()}"
+        )
+
+
+def assert_pair_identical(images: ImagePair) -> bytes:
+    """RAW and TEST are byte-identical; returns their content."""
+    raw = images.raw_bytes()
+    assert_same_bytes(images.test_bytes(), raw, "TEST vs RAW")
+    return raw
+
+
+def assert_server_healthy(server: RunningServer) -> None:
+    """Still running, no crash traceback, no verification finding reported."""
+    assert server.process.poll() is None, f"server exited: {server.stderr}"
+    assert "Traceback" not in server.stderr, server.stderr
+    assert server.report_records() == [], server.stderr
+
+
+@contextmanager
+def watchdog(server: RunningServer, seconds: float) -> Iterator[None]:
+    """A timeout for blocking in-process libnbd calls: when it expires the server
+    is killed, so whatever libnbd waits on fails, and the test fails."""
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        server.process.kill()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if fired.is_set():
+            pytest.fail(f"timed out after {seconds} s (server killed); stderr: {server.stderr}")
+
+
+def connect(uri: str, structured: bool = True, meta: bool = False,
+            strict: bool = True) -> Handle:
+    import nbd
+
+    handle = nbd.NBD()
+    handle.set_request_structured_replies(structured)
+    if meta:
+        handle.add_meta_context("base:allocation")
+    handle.connect_uri(uri)
+    assert handle.get_structured_replies_negotiated() == structured
+    if not strict:
+        handle.set_strict_mode(0)
+    return handle
+
+
+# --- A minimal NBD client, only for requests libnbd refuses to send --------------
+
+NBD_MAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_EXPORT_NAME = 1
+CLIENT_FLAGS = 0x1 | 0x2  # FIXED_NEWSTYLE | NO_ZEROES
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+
+
+class RawClient:
+    """Fixed newstyle via NBD_OPT_EXPORT_NAME (no structured replies), then bare
+    requests and simple replies. Every socket operation has a timeout."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        magic, opt_magic, handshake_flags = struct.unpack(">QQH", self._exactly(18))
+        assert (magic, opt_magic) == (NBD_MAGIC, IHAVEOPT)
+        assert handshake_flags & 0x3 == 0x3, handshake_flags
+        self.sock.sendall(struct.pack(">I", CLIENT_FLAGS))
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, 0))
+        self.size, self.flags = struct.unpack(">QH", self._exactly(10))
+        self._cookie = 0
+
+    def _exactly(self, count: int) -> bytes:
+        data = bytearray()
+        while len(data) < count:
+            chunk = self.sock.recv(min(count - len(data), 1 * MiB))
+            if not chunk:
+                raise ConnectionError(f"server closed after {len(data)}/{count} bytes")
+            data += chunk
+        return bytes(data)
+
+    def request(self, command: int, offset: int, length: int,
+                payload: bytes | None = None) -> tuple[int, bytes]:
+        """Send one request; its simple reply's error, and the data of a good READ."""
+        self._cookie += 1
+        header = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, self._cookie, offset, length)
+        self.sock.sendall(header)
+        if payload is not None:
+            self.sock.sendall(payload)
+        magic, error, cookie = struct.unpack(">IIQ", self._exactly(16))
+        assert magic == SIMPLE_REPLY_MAGIC, hex(magic)
+        assert cookie == self._cookie
+        data = self._exactly(length) if command == CMD_READ and error == 0 else b""
+        return error, data
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        finally:
+            self.sock.close()
