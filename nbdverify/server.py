@@ -67,6 +67,9 @@ from .transport import ConnectionLost, Transport
 # client that sends requests and never reads replies stalls here, bounded.
 MAX_IN_FLIGHT = 64
 MEMORY_BUDGET = 256 * 1024 * 1024
+# A client must finish negotiating within this (a connection that never speaks
+# must not hold resources forever; qemu-nbd's --handshake-limit is 10 s).
+HANDSHAKE_TIMEOUT_SECONDS = 60.0
 # How long in-flight requests may take to finish once the connection must close.
 CLOSE_GRACE_SECONDS = 30.0
 BASE_ALLOCATION_ID = 1
@@ -196,8 +199,12 @@ class Connection:
     async def run(self) -> None:
         self._log(logging.DEBUG, "connected", "client connected")
         try:
-            session = await self._negotiate()
-            if session is not None:
+            session = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
+                session = await self._negotiate()
+            if session is None:
+                self._log(logging.DEBUG, "no-session", "negotiation ended without an export")
+            else:
                 self._session = session
                 await self._transmit(session)
         # Nurseries wrap errors in groups, hence except*. Whatever goes wrong ends
