@@ -132,7 +132,8 @@ class NbdChild:
                     if not data:
                         raise RemoteProtocolError("server closed the connection")
                     machine.receive_data(data)
-        except (OSError, trio.TooSlowError, RemoteProtocolError, NegotiationRefused) as error:
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                RemoteProtocolError, NegotiationRefused) as error:
             raise ChildError(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None
         assert isinstance(event, ExportOpened)
         child = cls(name, uri, stream, event, timeout)
@@ -235,21 +236,42 @@ class NbdChild:
     def _can(self, flag: TransmissionFlag) -> bool:
         return bool(self._flags & flag)
 
+    async def _in_pieces(self, operation: str, command: Command, offset: int,
+                         view: memoryview, flags: int) -> None:
+        """READ into, or WRITE from, `view`, split at the server's maximum request
+        size; the pieces are in flight together."""
+        pieces = self._pieces(offset, len(view))
+        if len(pieces) == 1:
+            await self._piece(operation, command, offset, view, flags)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for start, length in pieces:
+                    part = view[start - offset:start - offset + length]
+                    nursery.start_soon(self._piece, operation, command, start, part, flags)
+        except BaseExceptionGroup as group:
+            failed, _ = group.split(ChildError)
+            if failed is None:
+                raise
+            first: BaseException = failed
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _piece(self, operation: str, command: Command, offset: int, view: memoryview,
+                     flags: int) -> None:
+        if command is Command.READ:
+            await self._call(operation, command, offset, len(view), flags, buffer=view)
+        else:
+            await self._call(operation, command, offset, len(view), flags, payload=view)
+
     async def read_into(self, buffer: memoryview, offset: int) -> None:
-        async with trio.open_nursery() as nursery:
-            for start, length in self._pieces(offset, len(buffer)):
-                view = buffer[start - offset:start - offset + length]
-                nursery.start_soon(self._call, "read", Command.READ, start, length, 0, b"", view)
+        await self._in_pieces("read", Command.READ, offset, buffer, 0)
 
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
-        view = memoryview(data)
         native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
         flags = CommandFlag.FUA if native_fua else 0
-        async with trio.open_nursery() as nursery:
-            for start, length in self._pieces(offset, len(view)):
-                piece = view[start - offset:start - offset + length]
-                nursery.start_soon(self._call, "write", Command.WRITE, start, length, flags,
-                                   piece)
+        await self._in_pieces("write", Command.WRITE, offset, memoryview(data), flags)
         if fua and not native_fua:
             await self.flush()
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections import deque
 
 import trio
 
@@ -42,14 +43,61 @@ async def probe_format(path: str) -> str:
     return str(json.loads(result.stdout)["format"])
 
 
-async def _log_stderr(name: str, stream: trio.abc.ReceiveStream) -> None:
-    pending = b""
-    async for chunk in stream:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            log_event(logging.WARNING, "child-stderr",
-                      f"{name} qemu-nbd: {line.decode(errors='replace')}", child=name)
+class _QemuNbd:
+    """One qemu-nbd process we own.
+
+    It is started with Popen on the event loop's own thread: PR_SET_PDEATHSIG fires
+    when the parent *thread* exits, and trio's open_process forks from a worker
+    thread that exits after ten idle seconds, killing the child with it.
+    """
+
+    def __init__(self, name: str, command: list[str], nursery: trio.Nursery) -> None:
+        self.name = name
+        self.last_lines: deque[str] = deque(maxlen=3)
+        read_end, write_end = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end,
+                preexec_fn=die_with_parent,
+                start_new_session=True)  # a Ctrl-C on our terminal must not stop it mid-flush
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        nursery.start_soon(self._log_stderr, trio.lowlevel.FdStream(read_end))
+
+    async def _log_stderr(self, stream: trio.lowlevel.FdStream) -> None:
+        pending = b""
+        async with stream:
+            async for chunk in stream:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    text = line.decode(errors="replace")
+                    self.last_lines.append(text)
+                    log_event(logging.WARNING, "child-stderr", f"{self.name} qemu-nbd: {text}",
+                              child=self.name)
+
+    async def wait(self, timeout: float) -> bool:
+        """True once the process has exited, False if it still runs after `timeout`."""
+        with trio.move_on_after(timeout):
+            while self.process.poll() is None:
+                await trio.sleep(0.02)
+        return self.process.returncode is not None
+
+    async def stop(self) -> None:
+        if await self.wait(STOP_TIMEOUT):  # qemu-nbd exits once its only client is gone
+            return
+        self.process.terminate()
+        if not await self.wait(STOP_TIMEOUT):
+            self.process.kill()
+            self.process.wait()
+
+    def failure(self, path: str, image_format: str) -> str:
+        said = f": {self.last_lines[-1]}" if self.last_lines else ""
+        return (f"qemu-nbd exited with status {self.process.returncode} for {path} "
+                f"(format {image_format}){said}")
 
 
 async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio.Nursery,
@@ -63,43 +111,36 @@ async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio
                "--cache=writeback", "--aio=threads", "--discard=unmap"]
     if readonly:
         command.append("--read-only")
-    process = await trio.lowlevel.open_process(
-        [*command, "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, preexec_fn=die_with_parent,
-        start_new_session=True)  # a Ctrl-C on our terminal must not stop it mid-flush
-    assert process.stderr is not None
-    nursery.start_soon(_log_stderr, name, process.stderr)
-
-    async def stop() -> None:
-        with trio.move_on_after(STOP_TIMEOUT):
-            await process.wait()  # qemu-nbd exits once its only client is gone
-        if process.returncode is None:
-            process.terminate()
-            with trio.move_on_after(STOP_TIMEOUT):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        shutil.rmtree(directory, ignore_errors=True)
-
+    server = _QemuNbd(name, [*command, "--", path], nursery)
     try:
         with trio.fail_after(READY_TIMEOUT):
             while not os.path.exists(socket_path):
-                if process.poll() is not None:
+                if server.process.poll() is not None:
                     raise ChildError(name, "open", 0, 0, Errno.EIO,
-                                     f"qemu-nbd exited with status {process.returncode} "
-                                     f"for {path} (format {image_format})")
+                                     server.failure(path, image_format))
                 await trio.sleep(0.02)
-        child = await NbdChild.open(name, f"nbd+unix:///?socket={socket_path}", nursery,
-                                    timeout)
+        try:
+            child = await NbdChild.open(name, f"nbd+unix:///?socket={socket_path}", nursery,
+                                        timeout)
+        except ChildError:
+            # qemu-nbd makes its socket before it opens the image: if it then failed,
+            # its own words say why better than "connection refused".
+            if await server.wait(2.0):
+                raise ChildError(name, "open", 0, 0, Errno.EIO,
+                                 server.failure(path, image_format)) from None
+            raise
     except trio.TooSlowError:
-        await stop()
+        await server.stop()
         raise ChildError(name, "open", 0, 0, Errno.EIO,
                          f"qemu-nbd did not start within {READY_TIMEOUT} s") from None
     except BaseException:
         with trio.CancelScope(shield=True):
-            await stop()
+            await server.stop()
         raise
-    child.location = f"{path} ({image_format}, via qemu-nbd pid {process.pid})"
-    child.owned_cleanup = stop
+    finally:
+        # Connected (or failed): the socket is no longer needed, and nothing is left
+        # in /tmp even if we are killed later.
+        shutil.rmtree(directory, ignore_errors=True)
+    child.location = f"{path} ({image_format}, via qemu-nbd pid {server.process.pid})"
+    child.owned_cleanup = server.stop
     return child
