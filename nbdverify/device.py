@@ -100,6 +100,9 @@ class VerifiedDevice:
         self.stopped = trio.Event()
         self._on_finding = on_finding
         self._ordering = RequestOrdering()
+        #: Both children answer without waiting (page-cached files), so a request
+        #: can be served inline, without a task of its own.
+        self.runs_inline = raw.runs_inline and test.runs_inline
         # Trimmed bytes: their content is unspecified until written again.
         self._unverified = RangeSet()
 
