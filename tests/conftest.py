@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ImagePair, RunningServer, make_pair, start_server
+from support import STOP_TIMEOUT, ImagePair, Launcher, RunningServer, make_pair, start_server
 
 
 @pytest.fixture
@@ -26,3 +26,20 @@ def tcp_server(tmp_path: Path, images: ImagePair) -> Iterator[RunningServer]:
     running = start_server(tmp_path, images, tcp=True)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def launch(tmp_path: Path, images: ImagePair) -> Iterator[Launcher]:
+    """start_server with extra options; whatever a test leaves running is killed."""
+    started: list[RunningServer] = []
+
+    def start(*extra: str, tcp: bool = False) -> RunningServer:
+        server = start_server(tmp_path, images, *extra, tcp=tcp)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=STOP_TIMEOUT)

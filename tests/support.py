@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
@@ -132,3 +134,50 @@ def run(command: list[str], timeout: float = 60, check: bool = True,
         pytest.fail(f"{command} exited {result.returncode}\nstdout: {result.stdout}\n"
                     f"stderr: {result.stderr}")
     return result  # type: ignore[no-any-return]
+
+
+NBD_TIMEOUT = 10.0
+
+
+class LibnbdClient:
+    """A libnbd handle on which every operation has a deadline (aio + poll), so a
+    server that stops answering fails the test instead of hanging it."""
+
+    def __init__(self, uri: str, structured: bool = True, strict: bool = True) -> None:
+        import nbd
+
+        self.handle: Any = nbd.NBD()
+        self.handle.set_request_structured_replies(structured)
+        if not strict:
+            self.handle.set_strict_mode(0)  # send what the server advertised it refuses
+        self.handle.aio_connect_uri(uri)
+        self.wait_for(lambda: not self.handle.aio_is_connecting())
+        if not self.handle.aio_is_ready():
+            raise nbd.Error("connection did not become ready", 0)
+
+    def wait_for(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + NBD_TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                pytest.fail("libnbd operation timed out")
+            self.handle.poll(100)
+
+    def complete(self, cookie: int) -> None:
+        """Wait for one command; raises nbd.Error if the server failed it."""
+        self.wait_for(lambda: bool(self.handle.aio_command_completed(cookie)))
+
+    def pread_into(self, target: bytearray, offset: int) -> None:
+        import nbd
+
+        self.complete(self.handle.aio_pread(nbd.Buffer.from_buffer(target), offset))
+
+    def pread(self, count: int, offset: int) -> bytes:
+        target = bytearray(count)
+        self.pread_into(target, offset)
+        return bytes(target)
+
+
+class Launcher(Protocol):
+    """The `launch` fixture: start_server with extra options for this test."""
+
+    def __call__(self, *extra: str, tcp: bool = False) -> RunningServer: ...

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import nbd
@@ -23,65 +23,16 @@ from support import (
     START_TIMEOUT,
     STOP_TIMEOUT,
     ImagePair,
+    Launcher,
+    LibnbdClient,
     RunningServer,
     require_tool,
     run,
-    start_server,
 )
 
 COMMAND_TIMEOUT = 30.0
-NBD_TIMEOUT = 10.0
 SECTOR = 512
 CHUNK = 64 * 1024
-
-
-class Client:
-    """A libnbd handle on which every operation has a deadline (aio + poll)."""
-
-    def __init__(self, uri: str, strict: bool = True) -> None:
-        self.handle: Any = nbd.NBD()
-        if not strict:
-            self.handle.set_strict_mode(0)  # send what the server advertised it refuses
-        self.handle.aio_connect_uri(uri)
-        self.wait_for(lambda: not self.handle.aio_is_connecting())
-        if not self.handle.aio_is_ready():
-            raise nbd.Error("connection did not become ready", 0)
-
-    def wait_for(self, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + NBD_TIMEOUT
-        while not done():
-            if time.monotonic() > deadline:
-                pytest.fail("libnbd operation timed out")
-            self.handle.poll(100)
-
-    def complete(self, cookie: int) -> None:
-        self.wait_for(lambda: bool(self.handle.aio_command_completed(cookie)))
-
-    def pread(self, count: int, offset: int) -> bytes:
-        target = bytearray(count)
-        self.complete(self.handle.aio_pread(nbd.Buffer.from_buffer(target), offset))
-        return bytes(target)
-
-
-class Launcher(Protocol):
-    def __call__(self, *extra: str, tcp: bool = False) -> RunningServer: ...
-
-
-@pytest.fixture
-def launch(tmp_path: Path, images: ImagePair) -> Iterator[Launcher]:
-    """support.start_server, with whatever a test leaves running killed after it."""
-    started: list[RunningServer] = []
-
-    def start(*extra: str, tcp: bool = False) -> RunningServer:
-        server = start_server(tmp_path, images, *extra, tcp=tcp)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=STOP_TIMEOUT)
 
 
 def nbdverify(*args: str, env: dict[str, str] | None = None,
@@ -225,7 +176,7 @@ def test_blkverify_single_argument_serves_raw_and_test_in_that_order(
     assert "read 65536/65536 bytes at offset 0" in result.stdout
     # Under --on-mismatch=log the server returns RAW's bytes: RAW is the first path.
     offset = CORRUPT_OFFSET - CORRUPT_OFFSET % CHUNK
-    assert Client(server.uri).pread(CHUNK, offset) == raw[offset:offset + CHUNK]
+    assert LibnbdClient(server.uri).pread(CHUNK, offset) == raw[offset:offset + CHUNK]
     assert images.raw_bytes()[:CHUNK] == b"\x22" * CHUNK
     assert images.test_bytes()[:CHUNK] == b"\x22" * CHUNK
     assert server.stop() == 0
@@ -258,14 +209,14 @@ def test_readonly_refuses_writes_with_eperm_and_serves_reads(
 ) -> None:
     before = images.raw_bytes(), images.test_bytes()
     server = launch("-r")
-    client = Client(server.uri)
+    client = LibnbdClient(server.uri)
     assert client.handle.is_read_only()
     with pytest.raises(nbd.Error) as refused:
         client.complete(client.handle.aio_pwrite(nbd.Buffer.from_bytearray(bytes(SECTOR)), 0))
     assert refused.value.errno == "EPERM", refused.value
 
     # With libnbd's checks off the requests reach the server, which must refuse them.
-    lax = Client(server.uri, strict=False)
+    lax = LibnbdClient(server.uri, strict=False)
     writes: list[Callable[[], int]] = [
         lambda: lax.handle.aio_pwrite(nbd.Buffer.from_bytearray(b"\x33" * SECTOR), 0),
         lambda: lax.handle.aio_zero(SECTOR, 0),
@@ -292,7 +243,7 @@ def test_signal_finishes_in_flight_requests_then_exits_0(
     raw = images.raw_bytes()
     server = launch()
     assert server.socket is not None and server.socket.exists()
-    client = Client(server.uri)
+    client = LibnbdClient(server.uri)
     handle = client.handle
     write_offset, read_length, reads = 6 << 20, 4 << 20, 8
     pattern = nbd.Buffer.from_bytearray(b"\x5c" * CHUNK)

@@ -14,17 +14,18 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
 import nbd
 import pytest
 from support import (
     CORRUPT_OFFSET,
+    NBD_TIMEOUT,
     STOP_TIMEOUT,
     ImagePair,
-    RunningServer,
+    Launcher,
+    LibnbdClient,
     require_tool,
     run,
     start_server,
@@ -35,7 +36,6 @@ READ_OFFSET = 1 << 20
 READ_LENGTH = 64 * 1024
 CORRUPT_SECTOR = CORRUPT_OFFSET // SECTOR
 CLEAN_OFFSET = 4 << 20  # a range far from every corruption these tests make
-NBD_TIMEOUT = 10.0
 QEMU_TIMEOUT = 30.0
 SUMMARY = (
     f"read offset={READ_OFFSET} length={READ_LENGTH} mismatch at offset {CORRUPT_OFFSET} "
@@ -44,60 +44,6 @@ SUMMARY = (
 # How many fresh servers the connection-closing check tries: the bug it guards
 # against is a race the client wins most of the time, not every time.
 RACE_ATTEMPTS = 3
-
-
-class Client:
-    """A libnbd handle on which every operation has a deadline (aio + poll), so a
-    server that stops answering fails the test instead of hanging it."""
-
-    def __init__(self, uri: str, structured: bool = True) -> None:
-        self.handle: Any = nbd.NBD()
-        self.handle.set_request_structured_replies(structured)
-        self.handle.aio_connect_uri(uri)
-        self._until(lambda: not self.handle.aio_is_connecting())
-        if not self.handle.aio_is_ready():
-            raise nbd.Error("connection did not become ready", 0)
-
-    def _until(self, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + NBD_TIMEOUT
-        while not done():
-            if time.monotonic() > deadline:
-                pytest.fail("libnbd operation timed out")
-            self.handle.poll(100)
-
-    def complete(self, cookie: int) -> None:
-        """Wait for one command; raises nbd.Error if the server failed it."""
-        self._until(lambda: bool(self.handle.aio_command_completed(cookie)))
-
-    def pread_into(self, target: bytearray, offset: int) -> None:
-        buffer = nbd.Buffer.from_buffer(target)
-        self.complete(self.handle.aio_pread(buffer, offset))
-
-    def pread(self, count: int, offset: int) -> bytes:
-        target = bytearray(count)
-        self.pread_into(target, offset)
-        return bytes(target)
-
-
-class Launcher(Protocol):
-    def __call__(self, *extra: str) -> RunningServer: ...
-
-
-@pytest.fixture
-def launch(tmp_path: Path, images: ImagePair) -> Iterator[Launcher]:
-    """Start servers with extra options; whatever a test leaves running is killed."""
-    started: list[RunningServer] = []
-
-    def start(*extra: str) -> RunningServer:
-        server = start_server(tmp_path, images, *extra)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=STOP_TIMEOUT)
 
 
 def qemu_io(uri: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +101,7 @@ def test_guest_never_receives_the_altered_bytes(
     images.corrupt_test()
     raw, test = images.raw_bytes(), images.test_bytes()
     server = launch()
-    client = Client(server.uri, structured=structured)
+    client = LibnbdClient(server.uri, structured=structured)
     assert bool(client.handle.get_structured_replies_negotiated()) == structured
 
     # An unrelated read before the corrupt one is verified and served.
@@ -174,7 +120,7 @@ def test_disconnect_policy_fails_the_read_stops_the_export_keeps_the_process(
     images.corrupt_test()
     raw_before, test_before = images.raw_bytes(), images.test_bytes()
     server = launch()  # --on-mismatch=disconnect is the default
-    client = Client(server.uri)
+    client = LibnbdClient(server.uri)
     expect_eio(lambda: client.pread(READ_LENGTH, READ_OFFSET))
 
     refused = qemu_io(server.uri, "read 0 64k")
@@ -182,7 +128,7 @@ def test_disconnect_policy_fails_the_read_stops_the_export_keeps_the_process(
     assert "export stopped after a verification failure" in refused.stderr, refused.stderr
     assert f"sector {CORRUPT_SECTOR}" in refused.stderr, refused.stderr
     with pytest.raises(nbd.Error):
-        Client(server.uri)
+        LibnbdClient(server.uri)
 
     assert server.process.poll() is None, "the server exited under --on-mismatch=disconnect"
     assert images.raw_bytes() == raw_before, "a read modified RAW"
@@ -208,8 +154,8 @@ def _answered_after_the_failure(directory: Path, images: ImagePair) -> str | Non
     directory.mkdir()
     server = start_server(directory, images)
     try:
-        idle = Client(server.uri, structured=False)
-        client = Client(server.uri, structured=False)
+        idle = LibnbdClient(server.uri, structured=False)
+        client = LibnbdClient(server.uri, structured=False)
         # libnbd did the handshake; the wire is driven by hand from here, so the next
         # request leaves the moment the error reply is in.
         wire = socket.socket(fileno=os.dup(client.handle.aio_get_fd()))
@@ -251,7 +197,7 @@ def test_error_policy_fails_the_read_and_keeps_serving(
     images.corrupt_test()
     raw = images.raw_bytes()
     server = launch("--on-mismatch=error")
-    client = Client(server.uri, structured=structured)
+    client = LibnbdClient(server.uri, structured=structured)
     expect_eio(lambda: client.pread(READ_LENGTH, READ_OFFSET))
     # The same connection keeps serving, in step with the client.
     assert client.pread(READ_LENGTH, CLEAN_OFFSET) == raw[CLEAN_OFFSET:CLEAN_OFFSET + READ_LENGTH]
@@ -270,7 +216,7 @@ def test_log_policy_serves_raw_data_and_keeps_serving(
     images.corrupt_test()
     raw = images.raw_bytes()
     server = launch("--on-mismatch=log")
-    client = Client(server.uri)
+    client = LibnbdClient(server.uri)
     data = client.pread(READ_LENGTH, READ_OFFSET)
     assert data == raw[READ_OFFSET:READ_OFFSET + READ_LENGTH]
     assert client.pread(READ_LENGTH, CLEAN_OFFSET) == raw[CLEAN_OFFSET:CLEAN_OFFSET + READ_LENGTH]
@@ -290,7 +236,7 @@ def test_log_policy_reports_every_corrupted_region(
         images.corrupt_test(offset)
     raw = images.raw_bytes()
     server = launch("--on-mismatch=log")
-    client = Client(server.uri)
+    client = LibnbdClient(server.uri)
     reads = [offset - offset % READ_LENGTH for offset in corrupt]
     for offset in reads:
         assert client.pread(READ_LENGTH, offset) == raw[offset:offset + READ_LENGTH]
