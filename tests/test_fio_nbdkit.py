@@ -22,11 +22,12 @@ def served(tmp_path: Path) -> Iterator[RunningServer]:
     running.stop()
 
 
-def test_fio_nbd_engine_write_then_verify_crc32c(served: RunningServer) -> None:
+def test_fio_nbd_engine_write_then_verify_crc32c(served: RunningServer, tmp_path: Path) -> None:
     result = run([require_tool("fio"), "--name=verify", "--ioengine=nbd", f"--uri={served.uri}",
                   "--rw=randwrite", "--bs=4k", "--size=8m", "--iodepth=16", "--verify=crc32c",
                   "--do_verify=1", "--verify_fatal=1", "--numjobs=2", "--offset_increment=8m",
-                  "--group_reporting", "--output-format=terse"], timeout=180)
+                  "--group_reporting", "--output-format=terse", "--verify_state_save=0"],
+                 timeout=180, cwd=tmp_path)
     assert result.returncode == 0
     assert served.images.raw_bytes() == served.images.test_bytes()
     assert served.report_records() == []
