@@ -28,6 +28,7 @@ from support import (
     require_tool,
     run,
     start_server,
+    wait_until_serving,
 )
 
 KiB = 1024
@@ -206,22 +207,6 @@ class Helper:
         self.process.wait(timeout=STOP_TIMEOUT)
 
 
-def _serving(process: subprocess.Popen[bytes], stderr_path: Path, report: Path, socket: Path,
-             images: ImagePair) -> RunningServer:
-    """Wait (bounded) for nbdverify's `serving` line, as support.start_server does."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        match = re.search(r"serving (\S+)", stderr_path.read_text(errors="replace"))
-        if match:
-            return RunningServer(process, match.group(1), socket, report, stderr_path, images)
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {stderr_path.read_text()}")
-        time.sleep(POLL)
-    process.kill()
-    process.wait(timeout=STOP_TIMEOUT)
-    pytest.fail(f"server did not start: {stderr_path.read_text()}")
-
-
 @dataclass
 class Rig:
     """Everything one test starts. Closing it stops the servers (SIGTERM, then
@@ -251,7 +236,7 @@ class Rig:
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=stderr)
-        server = _serving(process, stderr_path, report, socket, files)
+        server = wait_until_serving(process, stderr_path, report, socket, files)
         self.servers.append(server)
         return server
 

@@ -113,6 +113,12 @@ def start_server(
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
+    return wait_until_serving(process, stderr_path, report, socket, images)
+
+
+def wait_until_serving(process: subprocess.Popen[bytes], stderr_path: Path, report: Path,
+                       socket: Path | None, images: ImagePair) -> RunningServer:
+    """Wait (bounded) for nbdverify's `serving URI` line on stderr."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         match = re.search(r"serving (\S+)", stderr_path.read_text(errors="replace"))
@@ -122,6 +128,7 @@ def start_server(
             pytest.fail(f"server exited with {process.returncode}: {stderr_path.read_text()}")
         time.sleep(0.02)
     process.kill()
+    process.wait(timeout=STOP_TIMEOUT)
     pytest.fail(f"server did not start: {stderr_path.read_text()}")
 
 

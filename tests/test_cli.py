@@ -20,7 +20,6 @@ from support import (
     CORRUPT_OFFSET,
     IMAGE_SIZE,
     NBDVERIFY,
-    START_TIMEOUT,
     STOP_TIMEOUT,
     ImagePair,
     Launcher,
@@ -28,6 +27,7 @@ from support import (
     RunningServer,
     require_tool,
     run,
+    wait_until_serving,
 )
 
 COMMAND_TIMEOUT = 30.0
@@ -48,18 +48,7 @@ def spawn(directory: Path, images: ImagePair, *args: str) -> RunningServer:
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen([NBDVERIFY, "serve", *args], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        match = re.search(r"serving (\S+)", stderr_path.read_text(errors="replace"))
-        if match:
-            return RunningServer(process, match.group(1), None, directory / "no-report",
-                                 stderr_path, images)
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {stderr_path.read_text()}")
-        time.sleep(0.02)
-    process.kill()
-    process.wait(timeout=STOP_TIMEOUT)
-    pytest.fail(f"server did not start: {stderr_path.read_text()}")
+    return wait_until_serving(process, stderr_path, directory / "no-report", None, images)
 
 
 @pytest.fixture
