@@ -321,7 +321,11 @@ async def serve(args: argparse.Namespace) -> int:
             endpoint = Endpoint(args.exportname, unix_path, args.ipaddr, args.port,
                                 tls_required=args.tls == TlsMode.REQUIRE.value)
             if args.report:
-                report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+                try:
+                    report = open(args.report, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+                except OSError as error:
+                    raise StartupError(f"cannot open report file {args.report}: "
+                                       f"{error.strerror or error}") from None
                 reporter.attach(report)
             server = Server(device, ExportConfig(args.exportname, args.description,
                                                  args.readonly), tls_config(args))

@@ -372,3 +372,16 @@ def test_json_log_format_writes_one_object_a_line(
     mismatch = entries[events.index("mismatch")]
     assert "mismatch at offset 1049576 (sector 2049), 1 of 128 sectors differ" in (
         mismatch["message"])
+
+
+def test_unwritable_report_file_is_a_clear_startup_error(images: ImagePair,
+                                                        tmp_path: Path) -> None:
+    before = images.raw_bytes()
+    result = nbdverify("serve", str(images.raw), str(images.test), "-U",
+                       str(tmp_path / "s.sock"), "--report", str(tmp_path / "no" / "r.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"nbdverify: cannot open report file {tmp_path / 'no' / 'r.jsonl'}: "
+        "No such file or directory"]
+    assert not (tmp_path / "s.sock").exists()
+    assert images.raw_bytes() == before == images.test_bytes()
