@@ -109,7 +109,11 @@ class NbdChild:
         self._reader = ReplyReader()
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
-        self._send_lock = trio.Lock()
+        # Requests go out through one writer task: all those made in one scheduler
+        # tick leave in one send instead of one send each.
+        self._outbox: list[bytes] = []
+        self._outbox_ready = trio.Event()
+        self._outbox_empty = trio.Event()
         self._lost: str | None = None
         #: Stops what this child owns (a qemu-nbd we started), after disconnecting.
         self.owned_cleanup: Callable[[], Awaitable[None]] | None = None
@@ -139,9 +143,28 @@ class NbdChild:
         child = cls(name, uri, stream, event, timeout)
         child._reader.receive_data(machine.trailing_data)
         nursery.start_soon(child._read_replies)
+        nursery.start_soon(child._write_requests)
         return child
 
     # --- Reply dispatch ------------------------------------------------------------
+
+    def _post(self, message: bytes) -> None:
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._outbox_empty = trio.Event()
+            self._outbox_ready.set()
+
+    async def _write_requests(self) -> None:
+        try:
+            while True:
+                await self._outbox_ready.wait()
+                self._outbox_ready = trio.Event()
+                batch, self._outbox = self._outbox, []
+                await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                if not self._outbox:
+                    self._outbox_empty.set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._lose(str(error) or type(error).__name__)
 
     async def _read_replies(self) -> None:
         try:
@@ -208,14 +231,10 @@ class NbdChild:
         self._in_flight[cookie] = request
         if command is Command.READ:
             self._reader.expect_read(cookie, offset, length)
+        self._post(build_request(command, offset, length, cookie, flags) + bytes(payload))
         try:
-            async with self._send_lock:
-                await self._stream.send_all(
-                    build_request(command, offset, length, cookie, flags) + bytes(payload))
             with trio.move_on_after(self._timeout if self._timeout else float("inf")):
                 await request.done.wait()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            self._lose(str(error))
         finally:
             self._in_flight.pop(cookie, None)
         if request.result is None:
@@ -330,12 +349,9 @@ class NbdChild:
     async def aclose(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close."""
         if self._lost is None:
-            try:
-                with trio.move_on_after(5):
-                    async with self._send_lock:
-                        await self._stream.send_all(build_request(Command.DISC, 0, 0, 0))
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            self._post(build_request(Command.DISC, 0, 0, 0))
+            with trio.move_on_after(5):
+                await self._outbox_empty.wait()
         self._lost = self._lost or "closed"
         await self._stream.aclose()
         if self.owned_cleanup is not None:
