@@ -40,6 +40,7 @@ from nbdverify_protocol.transmission import build_request
 
 from .children import ZERO_CHUNK, ChildError, Extent
 from .log import log_event
+from .transport import Transport
 
 # Without a block size from the server, stay within what every server accepts.
 DEFAULT_MAX_REQUEST = 32 * 1024 * 1024
@@ -107,6 +108,7 @@ class NbdChild:
         self._max_request = min(maximum, DEFAULT_MAX_REQUEST * 2)
         self._timeout = timeout
         self._reader = ReplyReader()
+        self._incoming = Transport.over_socket(stream.socket)
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
         # Requests go out through one writer task: all those made in one scheduler
@@ -171,7 +173,8 @@ class NbdChild:
             while True:
                 event = self._reader.next_event()
                 if event is NEED_DATA:
-                    data = await self._stream.receive_some(1 << 20)
+                    # Into one kept buffer: receive_some(n) would allocate n bytes each time.
+                    data = await self._incoming.receive_some()
                     if not data:
                         raise EOFError("server closed the connection")
                     self._reader.receive_data(data)

@@ -204,6 +204,7 @@ class Connection:
         self._session: Negotiated | None = None
         self._queued: list[bytes | bytearray] = []  # replies ready to go in one send
         self._queued_bytes = 0
+        self._replies_waiting = trio.Event()  # wakes the writer for task replies
         self._waiting: trio.CancelScope | None = None  # the wait for the next request
 
     def _log(self, level: int, event: str, message: str, **fields: object) -> None:
@@ -321,10 +322,13 @@ class Connection:
         async with trio.open_nursery() as handlers:
             watching = trio.CancelScope()
             handlers.start_soon(self._stop_reading_when_told, watching)
+            writing = trio.CancelScope()
+            handlers.start_soon(self._write_replies, writing)
             try:
                 await self._receive_requests(session, handlers)
             finally:
                 watching.cancel()
+                writing.cancel()
                 handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
                 with trio.CancelScope(shield=True) as last_replies:
                     last_replies.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
@@ -404,7 +408,10 @@ class Connection:
             except BaseException:
                 self._memory.release(charge)
                 raise
-            await self._in_flight.acquire()
+            try:
+                self._in_flight.acquire_nowait()  # acquire() would yield every time
+            except trio.WouldBlock:
+                await self._in_flight.acquire()
             handlers.start_soon(self._serve, request, payload, charge)
 
     @staticmethod
@@ -419,6 +426,15 @@ class Connection:
     def _queue_reply(self, reply: bytes | bytearray) -> None:
         self._queued.append(reply)
         self._queued_bytes += len(reply)
+
+    async def _write_replies(self, writing: trio.CancelScope) -> None:
+        """Send what request tasks queued: when many finish in one scheduler tick,
+        their replies leave in one write."""
+        with writing:
+            while True:
+                await self._replies_waiting.wait()
+                self._replies_waiting = trio.Event()
+                await self._send_replies()
 
     async def _send_replies(self) -> None:
         """Send the queued replies in one write: one send per batch, not per reply."""
@@ -439,7 +455,11 @@ class Connection:
         session = self._session
         assert session is not None
         try:
-            await self._send(await self._answer(request, payload, session))
+            self._queue_reply(await self._answer(request, payload, session))
+            if self._queued_bytes >= REPLY_BATCH_BYTES:
+                await self._send_replies()  # big replies: send now, and hold memory until sent
+            else:
+                self._replies_waiting.set()
         finally:
             self._memory.release(charge)
             self._in_flight.release()
