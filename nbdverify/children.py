@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,9 @@ class Child(Protocol):
     runs_inline: bool
 
     async def read_into(self, buffer: memoryview, offset: int) -> None: ...
+    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
+        """Start a read now; awaiting the result finishes it (and raises its error)."""
+        ...
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None: ...
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
                            fua: bool) -> None: ...
@@ -72,6 +76,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
+
+
+async def _done() -> None:
+    return None
+
+
+async def _raise(error: ChildError) -> None:
+    raise error
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -107,7 +119,18 @@ class FileChild:
         return ChildError(self.name, operation, offset, length, Errno.from_host(code),
                           os.strerror(code))
 
+    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
+        """Page-cached: the read happens right here; the awaitable only reports it."""
+        try:
+            self._read(buffer, offset)
+        except ChildError as error:
+            return _raise(error)
+        return _done()
+
     async def read_into(self, buffer: memoryview, offset: int) -> None:
+        self._read(buffer, offset)
+
+    def _read(self, buffer: memoryview, offset: int) -> None:
         done = 0
         try:
             while done < len(buffer):

@@ -9,7 +9,7 @@ replies.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -140,6 +140,34 @@ class VerifiedDevice:
                 nursery.start_soon(run, "test", self.test)
         return results["raw"], results["test"]
 
+    async def _read_both(self, reference: memoryview, candidate: memoryview,
+                         offset: int) -> tuple[ChildError | None, ChildError | None]:
+        """Both reads in flight at once, with no task: each child starts its read
+        (an NBD child sends it, a file child just reads), then both are awaited."""
+        started: list[Awaitable[None] | ChildError] = []
+        for child, buffer in ((self.test, candidate), (self.raw, reference)):
+            try:
+                started.append(child.post_read(buffer, offset))
+            except ChildError as error:
+                started.append(error)
+        errors: list[ChildError | None] = []
+        try:
+            for pending in started:
+                if isinstance(pending, ChildError):
+                    errors.append(pending)
+                    continue
+                try:
+                    await pending
+                    errors.append(None)
+                except ChildError as error:
+                    errors.append(error)
+        finally:
+            for pending in started[len(errors) + 1:]:  # cancelled: never to be awaited
+                if isinstance(pending, Coroutine):
+                    pending.close()
+        test_error, raw_error = errors
+        return raw_error, test_error
+
     def _settle(self, operation: str, offset: int, length: int,
                 raw: ChildError | None, test: ChildError | None) -> None:
         """Raise what the guest must see when a child failed; return if both succeeded
@@ -175,11 +203,8 @@ class VerifiedDevice:
         async with self._ordering.hold(offset, end, exclusive=False):
             reference = bytearray(headroom + length)
             candidate = bytearray(headroom + length)
-            (_, raw_error), (_, test_error) = await self._on_both(
-                lambda child: child.read_into(
-                    memoryview(reference if child is self.raw else candidate)[headroom:], offset
-                )
-            )
+            raw_error, test_error = await self._read_both(
+                memoryview(reference)[headroom:], memoryview(candidate)[headroom:], offset)
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference

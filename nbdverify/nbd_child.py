@@ -84,6 +84,8 @@ def is_nbd_uri(text: str) -> bool:
 
 @dataclass(eq=False, slots=True)
 class _Request:
+    cookie: int
+    operation: str
     command: Command
     offset: int
     length: int
@@ -223,24 +225,30 @@ class NbdChild:
             code = Errno.EIO
         return ChildError(self.name, operation, offset, length, code, detail)
 
-    async def _call(self, operation: str, command: Command, offset: int, length: int,
-                    flags: int = 0, payload: bytes | bytearray | memoryview = b"",
-                    buffer: memoryview | None = None) -> _Request:
+    def _submit(self, operation: str, command: Command, offset: int, length: int,
+                flags: int = 0, payload: bytes | bytearray | memoryview = b"",
+                buffer: memoryview | None = None) -> _Request:
+        """Queue one request for the writer; `_finish` waits for its reply."""
         if self._lost is not None:
             raise self._error(operation, offset, length, Errno.EIO,
                               f"connection lost: {self._lost}")
         cookie = next(self._cookies)
-        request = _Request(command, offset, length, buffer)
+        request = _Request(cookie, operation, command, offset, length, buffer)
         self._in_flight[cookie] = request
         if command is Command.READ:
             self._reader.expect_read(cookie, offset, length)
         self._post(build_request(command, offset, length, cookie, flags) + bytes(payload))
+        return request
+
+    async def _finish(self, request: _Request) -> _Request:
         try:
             with trio.move_on_after(self._timeout if self._timeout else float("inf")):
                 await request.done.wait()
         finally:
-            self._in_flight.pop(cookie, None)
+            self._in_flight.pop(request.cookie, None)
+        operation, offset, length = request.operation, request.offset, request.length
         if request.result is None:
+            request.buffer = None  # a late reply must not land in a buffer we gave up
             detail = (f"connection lost: {self._lost}" if self._lost is not None
                       else f"no reply within {self._timeout} s")
             raise self._error(operation, offset, length, Errno.EIO, detail)
@@ -250,6 +258,21 @@ class NbdChild:
             raise self._error(operation, offset, length, code, detail)
         return request
 
+    async def _finish_all(self, requests: list[_Request]) -> None:
+        """Wait for every request (all are in flight already); raise the first error."""
+        first: ChildError | None = None
+        for request in requests:
+            try:
+                await self._finish(request)
+            except ChildError as error:
+                first = first or error
+        if first is not None:
+            raise first
+
+    async def _call(self, operation: str, command: Command, offset: int, length: int,
+                    flags: int = 0) -> _Request:
+        return await self._finish(self._submit(operation, command, offset, length, flags))
+
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self._max_request
         return [(start, min(step, offset + length - start))
@@ -258,42 +281,34 @@ class NbdChild:
     def _can(self, flag: TransmissionFlag) -> bool:
         return bool(self._flags & flag)
 
-    async def _in_pieces(self, operation: str, command: Command, offset: int,
-                         view: memoryview, flags: int) -> None:
-        """READ into, or WRITE from, `view`, split at the server's maximum request
-        size; the pieces are in flight together."""
-        pieces = self._pieces(offset, len(view))
-        if len(pieces) == 1:
-            await self._piece(operation, command, offset, view, flags)
-            return
-        try:
-            async with trio.open_nursery() as nursery:
-                for start, length in pieces:
-                    part = view[start - offset:start - offset + length]
-                    nursery.start_soon(self._piece, operation, command, start, part, flags)
-        except BaseExceptionGroup as group:
-            failed, _ = group.split(ChildError)
-            if failed is None:
-                raise
-            first: BaseException = failed
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+    def _submit_pieces(self, operation: str, command: Command, offset: int,
+                       view: memoryview, flags: int) -> list[_Request]:
+        """READ into, or WRITE from, `view`, split at the server's maximum request size;
+        all pieces go out together."""
+        requests = []
+        for start, length in self._pieces(offset, len(view)):
+            part = view[start - offset:start - offset + length]
+            if command is Command.READ:
+                requests.append(self._submit(operation, command, start, length, flags,
+                                             buffer=part))
+            else:
+                requests.append(self._submit(operation, command, start, length, flags,
+                                             payload=part))
+        return requests
 
-    async def _piece(self, operation: str, command: Command, offset: int, view: memoryview,
-                     flags: int) -> None:
-        if command is Command.READ:
-            await self._call(operation, command, offset, len(view), flags, buffer=view)
-        else:
-            await self._call(operation, command, offset, len(view), flags, payload=view)
+    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
+        """Send the READ now; the returned awaitable waits for its data. Lets the
+        device read the other child meanwhile without a task for this one."""
+        return self._finish_all(self._submit_pieces("read", Command.READ, offset, buffer, 0))
 
     async def read_into(self, buffer: memoryview, offset: int) -> None:
-        await self._in_pieces("read", Command.READ, offset, buffer, 0)
+        await self.post_read(buffer, offset)
 
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
         flags = CommandFlag.FUA if native_fua else 0
-        await self._in_pieces("write", Command.WRITE, offset, memoryview(data), flags)
+        await self._finish_all(
+            self._submit_pieces("write", Command.WRITE, offset, memoryview(data), flags))
         if fua and not native_fua:
             await self.flush()
 

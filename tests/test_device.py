@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,10 @@ class FailingChild(FileChild):
     async def read_into(self, buffer: memoryview, offset: int) -> None:
         self._maybe_fail("read", offset, len(buffer))
         await super().read_into(buffer, offset)
+
+    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
+        self._maybe_fail("read", offset, len(buffer))
+        return super().post_read(buffer, offset)
 
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         self._maybe_fail("write", offset, len(data))
