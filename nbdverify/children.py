@@ -59,6 +59,9 @@ class Child(Protocol):
         """Start a read now; awaiting the result finishes it (and raises its error)."""
         ...
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None: ...
+    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
+        """Start a write (without FUA) now; awaiting the result finishes it."""
+        ...
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
                            fua: bool) -> None: ...
     async def trim(self, offset: int, length: int, fua: bool) -> None: ...
@@ -142,7 +145,19 @@ class FileChild:
         except OSError as error:
             raise self._error("read", offset, len(buffer), error) from None
 
+    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
+        try:
+            self._write(data, offset)
+        except ChildError as error:
+            return _raise(error)
+        return _done()
+
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        self._write(data, offset)
+        if fua:
+            await self.flush()
+
+    def _write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         done = 0
         try:
@@ -150,8 +165,6 @@ class FileChild:
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as error:
             raise self._error("write", offset, len(view), error) from None
-        if fua:
-            await self.flush()
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
                            fua: bool) -> None:

@@ -140,14 +140,16 @@ class VerifiedDevice:
                 nursery.start_soon(run, "test", self.test)
         return results["raw"], results["test"]
 
-    async def _read_both(self, reference: memoryview, candidate: memoryview,
-                         offset: int) -> tuple[ChildError | None, ChildError | None]:
-        """Both reads in flight at once, with no task: each child starts its read
-        (an NBD child sends it, a file child just reads), then both are awaited."""
+    async def _start_both(
+        self, start: Callable[[Child], Awaitable[None]]
+    ) -> tuple[ChildError | None, ChildError | None]:
+        """Both children's operation in flight at once, with no task: each child
+        starts it (an NBD child sends its request, a file child does the work in
+        place), then both are awaited. Errors come back as (raw, test)."""
         started: list[Awaitable[None] | ChildError] = []
-        for child, buffer in ((self.test, candidate), (self.raw, reference)):
+        for child in (self.test, self.raw):
             try:
-                started.append(child.post_read(buffer, offset))
+                started.append(start(child))
             except ChildError as error:
                 started.append(error)
         errors: list[ChildError | None] = []
@@ -203,8 +205,10 @@ class VerifiedDevice:
         async with self._ordering.hold(offset, end, exclusive=False):
             reference = bytearray(headroom + length)
             candidate = bytearray(headroom + length)
-            raw_error, test_error = await self._read_both(
-                memoryview(reference)[headroom:], memoryview(candidate)[headroom:], offset)
+            views = {self.raw: memoryview(reference)[headroom:],
+                     self.test: memoryview(candidate)[headroom:]}
+            raw_error, test_error = await self._start_both(
+                lambda child: child.post_read(views[child], offset))
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference
@@ -227,9 +231,11 @@ class VerifiedDevice:
         self.statistics.writes += 1
         length = len(data)
         async with self._ordering.hold(offset, offset + length, exclusive=True):
-            (_, raw), (_, test) = await self._on_both(
-                lambda child: child.write(data, offset, fua), concurrent=fua
-            )
+            if fua:  # the two syncs run concurrently
+                (_, raw), (_, test) = await self._on_both(
+                    lambda child: child.write(data, offset, fua), concurrent=True)
+            else:
+                raw, test = await self._start_both(lambda child: child.post_write(data, offset))
             self._unverified.remove(offset, offset + length)
             self._settle("write", offset, length, raw, test)
 

@@ -304,6 +304,11 @@ class NbdChild:
     async def read_into(self, buffer: memoryview, offset: int) -> None:
         await self.post_read(buffer, offset)
 
+    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
+        """Send the WRITE now; the returned awaitable waits for its reply."""
+        return self._finish_all(
+            self._submit_pieces("write", Command.WRITE, offset, memoryview(data), 0))
+
     async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
         flags = CommandFlag.FUA if native_fua else 0

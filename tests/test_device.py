@@ -193,6 +193,10 @@ class FailingChild(FileChild):
         self._maybe_fail("write", offset, len(data))
         await super().write(data, offset, fua)
 
+    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
+        self._maybe_fail("write", offset, len(data))
+        return super().post_write(data, offset)
+
 
 def failing_device(tmp_path: Path, raw_fail: dict[str, Errno], test_fail: dict[str, Errno],
                    policy: MismatchPolicy = MismatchPolicy.ERROR
