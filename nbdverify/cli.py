@@ -12,7 +12,7 @@ import ssl
 import stat
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
@@ -265,30 +265,33 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
     except OSError as error:
         raise StartupError(f"cannot listen on {endpoint.uri}: {error.strerror or error}") from None
     outcome = Outcome()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve, listeners)
-        if args.pidfile:
-            Path(args.pidfile).write_text(f"{os.getpid()}\n")
-        log_event(logging.INFO, "serving", f"serving {endpoint.uri}", uri=endpoint.uri,
-                  raw=server.device.raw.location, test=server.device.test.location)
-        async with trio.open_nursery() as helpers:
-            helpers.start_soon(_stop_on_signal, server)
-            if server.device.policy is MismatchPolicy.EXIT:
-                helpers.start_soon(_exit_on_mismatch, server, outcome)
-            if args.run:
-                helpers.start_soon(_run_command, args.run, endpoint, server, reporter, outcome)
-            await server.stopping.wait()
-            helpers.cancel_scope.cancel()
-        # server.serve, still running in `nursery`, lets open connections finish.
+    # Signals are caught from before the server says it serves (or writes its
+    # pidfile): a SIGTERM sent the moment it is ready still shuts down cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listeners)
+            if args.pidfile:
+                Path(args.pidfile).write_text(f"{os.getpid()}\n")
+            log_event(logging.INFO, "serving", f"serving {endpoint.uri}", uri=endpoint.uri,
+                      raw=server.device.raw.location, test=server.device.test.location)
+            async with trio.open_nursery() as helpers:
+                helpers.start_soon(_stop_on_signal, server, signals)
+                if server.device.policy is MismatchPolicy.EXIT:
+                    helpers.start_soon(_exit_on_mismatch, server, outcome)
+                if args.run:
+                    helpers.start_soon(_run_command, args.run, endpoint, server, reporter,
+                                       outcome)
+                await server.stopping.wait()
+                helpers.cancel_scope.cancel()
+            # server.serve, still running in `nursery`, lets open connections finish.
     return outcome.exit_status
 
 
-async def _stop_on_signal(server: Server) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log_event(logging.INFO, "signal", f"{signal.Signals(signum).name}: shutting down")
-            server.stop()
-            return
+async def _stop_on_signal(server: Server, signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log_event(logging.INFO, "signal", f"{signal.Signals(signum).name}: shutting down")
+        server.stop()
+        return
 
 
 async def _exit_on_mismatch(server: Server, outcome: Outcome) -> None:
