@@ -226,10 +226,12 @@ def test_accepted_requests_stay_inside_the_export(
     request = Request(flags=flags, command=command, cookie=1, offset=offset, length=length)
     error = request_error(request, FULL)
     assert isinstance(error, Errno)
+    # FUA is valid on every command once SEND_FUA is advertised (FULL advertises it).
+    allowed = int(ALLOWED_COMMAND_FLAGS[command]) | int(CommandFlag.FUA)
     if error is Errno.OK:
         assert offset + length <= SIZE
-        assert not flags & ~int(ALLOWED_COMMAND_FLAGS[command])
-    if flags & ~int(ALLOWED_COMMAND_FLAGS[command]):
+        assert not flags & ~allowed
+    if flags & ~allowed:
         assert error is Errno.EINVAL
 
 
