@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from support import STOP_TIMEOUT, ImagePair, Launcher, RunningServer, make_pair, start_server
+
+# In CI the property tests draw the same examples every run, so a red run means a
+# change broke something, not that this run's dice found an old bug; locally
+# they explore afresh each time.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
