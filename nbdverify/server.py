@@ -148,7 +148,6 @@ class Server:
         self.tls = tls
         #: Set to stop: no new connections; open ones finish in-flight requests.
         self.stopping = trio.Event()
-        self.connections = 0
         self._ids = itertools.count(1)
 
     def stop(self) -> None:
@@ -183,11 +182,9 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         connection = Connection(self, stream, next(self._ids))
-        self.connections += 1
         try:
             await connection.run()
         finally:
-            self.connections -= 1
             await stream.aclose()
 
 

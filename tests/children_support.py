@@ -22,12 +22,12 @@ import pytest
 from support import (
     NBDVERIFY,
     START_TIMEOUT,
-    STOP_TIMEOUT,
     ImagePair,
     RunningServer,
     require_tool,
     run,
     start_server,
+    terminate,
     wait_until_serving,
 )
 
@@ -198,13 +198,7 @@ class Helper:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=EXIT_GRACE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait(timeout=STOP_TIMEOUT)
+        terminate(self.process, EXIT_GRACE)
 
 
 @dataclass
@@ -268,13 +262,7 @@ class Rig:
 
     def close(self) -> None:
         for server in self.servers:
-            if server.process.poll() is None:
-                server.process.terminate()
-            try:
-                server.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait(timeout=STOP_TIMEOUT)
+            terminate(server.process)
         for helper in self.helpers:
             helper.stop()
         assert_no_process_left(self.directory)

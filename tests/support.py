@@ -188,3 +188,14 @@ class Launcher(Protocol):
     """The `launch` fixture: start_server with extra options for this test."""
 
     def __call__(self, *extra: str, tcp: bool = False) -> RunningServer: ...
+
+
+def terminate(process: subprocess.Popen[bytes], grace: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT)

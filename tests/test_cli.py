@@ -108,6 +108,19 @@ def test_bad_arguments_print_one_line_and_exit_2(
 # --- Start-up failures: a clear message, exit 1, nothing created ---------------------
 
 
+def failed_start_line(directory: Path, images: ImagePair) -> str:
+    """Start a server that must refuse to start: exit 1, one line on stderr, and no
+    socket, pidfile or report file left behind. Returns the line."""
+    socket, pidfile, report = directory / "nbd.sock", directory / "pid", directory / "report"
+    result = nbdverify("serve", str(images.raw), str(images.test), "-U", str(socket),
+                       "-P", str(pidfile), "--report", str(report))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert not socket.exists() and not pidfile.exists() and not report.exists()
+    return lines[0]
+
+
 @pytest.mark.parametrize("missing", ["raw", "test"])
 def test_missing_image_names_the_path_and_creates_nothing(
     tmp_path: Path, images: ImagePair, missing: str
@@ -116,16 +129,10 @@ def test_missing_image_names_the_path_and_creates_nothing(
     other = images.test if missing == "raw" else images.raw
     path.unlink()
     other_before = other.read_bytes()
-    socket, pidfile, report = tmp_path / "nbd.sock", tmp_path / "pid", tmp_path / "report"
-    result = nbdverify("serve", str(images.raw), str(images.test), "-U", str(socket),
-                       "-P", str(pidfile), "--report", str(report))
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert str(path) in lines[0] and missing.upper() in lines[0], lines[0]
+    line = failed_start_line(tmp_path, images)
+    assert str(path) in line and missing.upper() in line, line
     assert not path.exists(), "the missing image was created"
     assert other.read_bytes() == other_before
-    assert not socket.exists() and not pidfile.exists() and not report.exists()
 
 
 def test_images_of_different_sizes_are_refused_unchanged(
@@ -134,17 +141,11 @@ def test_images_of_different_sizes_are_refused_unchanged(
     with images.test.open("r+b") as test:
         test.truncate(IMAGE_SIZE // 2)
     before = images.raw_bytes(), images.test_bytes()
-    socket, pidfile, report = tmp_path / "nbd.sock", tmp_path / "pid", tmp_path / "report"
-    result = nbdverify("serve", str(images.raw), str(images.test), "-U", str(socket),
-                       "-P", str(pidfile), "--report", str(report))
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert str(IMAGE_SIZE) in lines[0] and str(IMAGE_SIZE // 2) in lines[0], lines[0]
+    line = failed_start_line(tmp_path, images)
+    assert str(IMAGE_SIZE) in line and str(IMAGE_SIZE // 2) in line, line
     assert (images.raw_bytes(), images.test_bytes()) == before
     assert images.raw.stat().st_size == IMAGE_SIZE
     assert images.test.stat().st_size == IMAGE_SIZE // 2
-    assert not socket.exists() and not pidfile.exists() and not report.exists()
 
 
 # --- Options -------------------------------------------------------------------------
