@@ -9,14 +9,16 @@ replies.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
 
-from nbdverify_protocol.constants import AllocationState, Errno
+from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
+from .changes import Change, ChangeKind, ChangeObserver, Origin
 from .children import Child, ChildError, Extent
 from .findings import Divergence, Finding, Mismatch, compare
 from .ranges import RangeSet, RequestOrdering
@@ -105,6 +107,21 @@ class VerifiedDevice:
         self.runs_inline = raw.runs_inline and test.runs_inline
         # Trimmed bytes: their content is unspecified until written again.
         self._unverified = RangeSet()
+        #: Told of every completed change, in completion order (provenance, journal).
+        self.observers: list[ChangeObserver] = []
+        self._changes = 0
+
+    def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
+                 origin: Origin | None,
+                 data: bytes | bytearray | memoryview | None = None) -> None:
+        """Number a change both children completed and tell the observers."""
+        self._changes += 1
+        if not self.observers:
+            return
+        change = Change(self._changes, kind, offset, length, flags, origin, time.time(),
+                        time.monotonic(), data)
+        for observer in self.observers:
+            observer.changed(change)
 
     # --- Running an operation on both children ----------------------------------
 
@@ -227,7 +244,8 @@ class VerifiedDevice:
             self.statistics.bytes_verified += length
             return reference
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
+                    origin: Origin | None = None) -> None:
         self.statistics.writes += 1
         length = len(data)
         async with self._ordering.hold(offset, offset + length, exclusive=True):
@@ -237,23 +255,29 @@ class VerifiedDevice:
             else:
                 raw, test = await self._start_both(lambda child: child.post_write(data, offset))
             self._unverified.remove(offset, offset + length)
+            self._changed(ChangeKind.WRITE, offset, length, CommandFlag.FUA if fua else 0,
+                          origin, data)
             self._settle("write", offset, length, raw, test)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                           fua: bool) -> None:
+                           fua: bool, origin: Origin | None = None) -> None:
         self.statistics.zeroes += 1
+        flags = ((0 if may_trim else CommandFlag.NO_HOLE) | (CommandFlag.FAST_ZERO if fast else 0)
+                 | (CommandFlag.FUA if fua else 0))
         async with self._ordering.hold(offset, offset + length, exclusive=True):
             if fast:
-                await self._fast_zero(offset, length, may_trim, fua)
+                raw, test = await self._fast_zero(offset, length, may_trim, fua)
             else:
                 (_, raw), (_, test) = await self._on_both(
                     lambda child: child.write_zeroes(offset, length, may_trim, False, fua),
                     concurrent=fua,
                 )
-                self._unverified.remove(offset, offset + length)
-                self._settle("write_zeroes", offset, length, raw, test)
+            self._unverified.remove(offset, offset + length)
+            self._changed(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin)
+            self._settle("write_zeroes", offset, length, raw, test)
 
-    async def _fast_zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+    async def _fast_zero(self, offset: int, length: int, may_trim: bool,
+                         fua: bool) -> tuple[ChildError | None, ChildError | None]:
         """FAST_ZERO must fail with ENOTSUP rather than be slow, but must never leave
         one child zeroed and the other not: the reference goes first, and if the
         test child cannot zero quickly after it did, the test child zeroes slowly."""
@@ -270,22 +294,24 @@ class VerifiedDevice:
             await self.test.write_zeroes(offset, length, may_trim, False, fua)
         except ChildError as error:
             test_error = error
-        self._unverified.remove(offset, offset + length)
-        self._settle("write_zeroes", offset, length, raw_error, test_error)
+        return raw_error, test_error
 
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
+    async def trim(self, offset: int, length: int, fua: bool,
+                   origin: Origin | None = None) -> None:
         self.statistics.trims += 1
         async with self._ordering.hold(offset, offset + length, exclusive=True):
             (_, raw), (_, test) = await self._on_both(
                 lambda child: child.trim(offset, length, fua), concurrent=fua
             )
             self._unverified.add(offset, offset + length)
+            self._changed(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0, origin)
             self._settle("trim", offset, length, raw, test)
 
-    async def flush(self) -> None:
+    async def flush(self, origin: Origin | None = None) -> None:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
         self.statistics.flushes += 1
         (_, raw), (_, test) = await self._on_both(lambda child: child.flush(), concurrent=True)
+        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
         self._settle("flush", 0, 0, raw, test)
 
     async def cache(self, offset: int, length: int) -> None:

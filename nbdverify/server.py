@@ -60,6 +60,7 @@ from nbdverify_protocol.transmission import (
     simple_reply,
 )
 
+from .changes import Origin
 from .device import DeviceError, VerificationFailed, VerifiedDevice
 from .log import log_event
 from .transport import ConnectionLost, Transport
@@ -479,6 +480,7 @@ class Connection:
         """Run one valid request on the device; the successful reply."""
         command = request.command
         cookie = request.cookie
+        origin = Origin(self.number, cookie)
         if command == Command.READ and request.length == 0:
             return none_chunk(cookie) if session.structured_replies else simple_reply(cookie)
         if command == Command.READ:
@@ -489,7 +491,7 @@ class Connection:
             return data
         if command == Command.WRITE:
             assert payload is not None
-            await self.device.write(request.offset, payload, request.fua)
+            await self.device.write(request.offset, payload, request.fua, origin)
         elif command == Command.WRITE_ZEROES:
             await self.device.write_zeroes(
                 request.offset,
@@ -497,11 +499,12 @@ class Connection:
                 may_trim=not request.flags & CommandFlag.NO_HOLE,
                 fast=bool(request.flags & CommandFlag.FAST_ZERO),
                 fua=request.fua,
+                origin=origin,
             )
         elif command == Command.TRIM:
-            await self.device.trim(request.offset, request.length, request.fua)
+            await self.device.trim(request.offset, request.length, request.fua, origin)
         elif command == Command.FLUSH:
-            await self.device.flush()
+            await self.device.flush(origin)
         elif command == Command.CACHE:
             await self.device.cache(request.offset, request.length)
         elif command == Command.BLOCK_STATUS:

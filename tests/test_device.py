@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
+from nbdverify.changes import Change, ChangeKind, Origin
 from nbdverify.children import ChildError, Extent, FileChild
 from nbdverify.device import (
     DeviceError,
@@ -20,7 +22,7 @@ from nbdverify.device import (
 )
 from nbdverify.findings import Divergence, Finding, Mismatch, compare
 from nbdverify.ranges import RangeSet, RequestOrdering
-from nbdverify_protocol.constants import AllocationState, Errno
+from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 SIZE = 4 * 1024 * 1024
 HOLE = AllocationState.HOLE | AllocationState.ZERO
@@ -295,3 +297,30 @@ def test_compare_reports_every_differing_run() -> None:
     assert difference.differing_sectors == 4
     assert difference.ranges[0] == (1000, 1024)  # the first sector is clipped to the request
     assert compare(raw, bytearray(raw), 0, 0, len(raw)) is None
+
+
+async def test_changes_are_numbered_in_completion_order_with_their_origin(
+        tmp_path: Path) -> None:
+    device, _ = make_device(tmp_path)
+    seen: list[Change] = []
+
+    class Recorder:
+        def changed(self, change: Change) -> None:
+            payload = None if change.data is None else bytes(change.data)
+            seen.append(replace(change, data=payload))
+
+    device.observers.append(Recorder())
+    await device.write(512, b"abc", fua=True, origin=Origin(1, 7))
+    await device.write_zeroes(4096, 8192, may_trim=False, fast=False, fua=False,
+                              origin=Origin(2, 8))
+    await device.trim(65536, 4096, fua=False, origin=Origin(1, 9))
+    await device.flush(Origin(2, 10))
+    assert [(c.sequence, c.kind, c.offset, c.length, c.origin) for c in seen] == [
+        (1, ChangeKind.WRITE, 512, 3, Origin(1, 7)),
+        (2, ChangeKind.WRITE_ZEROES, 4096, 8192, Origin(2, 8)),
+        (3, ChangeKind.TRIM, 65536, 4096, Origin(1, 9)),
+        (4, ChangeKind.FLUSH, 0, 0, Origin(2, 10)),
+    ]
+    assert seen[0].data == b"abc" and seen[0].flags == CommandFlag.FUA
+    assert seen[1].flags == CommandFlag.NO_HOLE
+    assert seen[0].wall_time <= seen[3].wall_time

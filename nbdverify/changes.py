@@ -1,0 +1,51 @@
+"""What changed the device, in the order both children completed it.
+
+The verified device numbers every WRITE, WRITE_ZEROES, TRIM and FLUSH it completes
+(one sequence across all connections) and hands each to its observers: provenance
+(which request last wrote a byte) and the journal both read this one stream, so
+their sequence numbers agree.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ChangeKind(enum.Enum):
+    WRITE = "write"
+    WRITE_ZEROES = "write_zeroes"
+    TRIM = "trim"
+    FLUSH = "flush"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who sent a request: the server's connection number and the client's cookie."""
+
+    connection: int
+    cookie: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One completed change. `data` is a WRITE's payload, valid only while the
+    observers are being called (it is the request's buffer, not a copy)."""
+
+    sequence: int
+    kind: ChangeKind
+    offset: int
+    length: int
+    #: The request's NBD command flags (FUA, NO_HOLE, FAST_ZERO).
+    flags: int
+    origin: Origin | None
+    wall_time: float
+    monotonic_time: float
+    data: bytes | bytearray | memoryview | None = None
+
+
+class ChangeObserver(Protocol):
+    def changed(self, change: Change) -> None:
+        """Called on the event loop as each change completes; must not block."""
+        ...
