@@ -6,14 +6,16 @@ child failed, at what, and compare the two children's errors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
-from collections.abc import Awaitable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
+import outcome
 import trio
 
 from nbdverify_protocol.constants import AllocationState, Errno
@@ -21,6 +23,9 @@ from nbdverify_protocol.constants import AllocationState, Errno
 # Zero-fill fallbacks and extent scans work in steps of this size.
 ZERO_CHUNK = 1024 * 1024
 MAX_EXTENTS = 1024
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,31 +48,140 @@ class ChildError(Exception):
         self.detail = detail
 
 
+class Pending(Protocol[T_co]):
+    """A child operation that has started: a file child has done it already, an NBD
+    child has sent its request. Awaiting it finishes it and raises its ChildError."""
+
+    @property
+    def done(self) -> bool:
+        """Awaiting will not wait."""
+        ...
+
+    def __await__(self) -> Generator[Any, None, T_co]: ...
+
+
+class Completed(Generic[T]):
+    """An operation that finished as it started (page-cached file I/O)."""
+
+    __slots__ = ("_value",)
+    done = True
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        yield from ()
+        return self._value
+
+
+class Failed:
+    """An operation that failed as it started."""
+
+    __slots__ = ("_error",)
+    done = True
+
+    def __init__(self, error: ChildError) -> None:
+        self._error = error
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        yield from ()
+        raise self._error
+
+
+COMPLETED: Completed[None] = Completed(None)
+
+
+class Later(Generic[T]):
+    """An operation that starts only when first awaited: the rare paths (fallbacks,
+    FUA emulation, FAST_ZERO's reference-first order) that are simplest written as
+    a coroutine. Awaiting it again gives the same result without running it again."""
+
+    __slots__ = ("_finished", "_result", "_start")
+    done = False
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, T]]) -> None:
+        self._start = start
+        self._finished: trio.Event | None = None
+        self._result: outcome.Outcome[T] | None = None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._run().__await__()
+
+    async def _run(self) -> T:
+        if self._finished is None:
+            self._finished = trio.Event()
+            try:
+                self._result = outcome.Value(await self._start())
+            except ChildError as error:
+                self._result = outcome.Error(error)
+            finally:
+                self._finished.set()
+        else:
+            await self._finished.wait()
+        if self._result is None:
+            raise ChildError("?", "operation", 0, 0, Errno.EIO, "cancelled")
+        return self._result.unwrap()
+
+
+class InThread:
+    """Blocking work (fsync) started in a worker thread at once, with no task: the
+    two children's syncs overlap, and awaiting waits for this one."""
+
+    __slots__ = ("_finished", "_result")
+
+    def __init__(self, work: Callable[[], object], error: Callable[[OSError], ChildError]
+                 ) -> None:
+        self._finished = trio.Event()
+        self._result: outcome.Outcome[ChildError | None] | None = None
+        token = trio.lowlevel.current_trio_token()
+
+        def run() -> ChildError | None:
+            try:
+                work()
+            except OSError as failure:
+                return error(failure)
+            return None
+
+        def deliver(result: outcome.Outcome[ChildError | None]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more
+                token.run_sync_soon(self._deliver, result)
+
+        trio.lowlevel.start_thread_soon(run, deliver)
+
+    def _deliver(self, result: outcome.Outcome[ChildError | None]) -> None:
+        self._result = result
+        self._finished.set()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield from self._finished.wait().__await__()
+        assert self._result is not None
+        error = self._result.unwrap()
+        if error is not None:
+            raise error
+
+
 class Child(Protocol):
-    """What the verified device needs from each of its two children."""
+    """What the verified device needs from each of its two children. Every
+    operation starts when called and returns a Pending to await for its end."""
 
     name: str
     #: Where the child's data lives, for people: a path or a URI.
     location: str
     size: int
-    #: True when operations never yield to the event loop, so running the two
-    #: children one after the other costs nothing.
-    runs_inline: bool
 
-    async def read_into(self, buffer: memoryview, offset: int) -> None: ...
-    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
-        """Start a read now; awaiting the result finishes it (and raises its error)."""
-        ...
-    async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None: ...
-    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
-        """Start a write (without FUA) now; awaiting the result finishes it."""
-        ...
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                           fua: bool) -> None: ...
-    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
-    async def flush(self) -> None: ...
-    async def cache(self, offset: int, length: int) -> None: ...
-    async def extents(self, offset: int, length: int) -> list[Extent]: ...
+    def read(self, buffer: memoryview, offset: int) -> Pending[None]: ...
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              fua: bool) -> Pending[None]: ...
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
+                     fua: bool) -> Pending[None]: ...
+    def trim(self, offset: int, length: int, fua: bool) -> Pending[None]: ...
+    def flush(self) -> Pending[None]: ...
+    def cache(self, offset: int, length: int) -> Pending[None]: ...
+    def extents(self, offset: int, length: int) -> Pending[list[Extent]]: ...
     async def aclose(self) -> None: ...
 
 
@@ -81,14 +195,6 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_l
 _fallocate.restype = ctypes.c_int
 
 
-async def _done() -> None:
-    return None
-
-
-async def _raise(error: ChildError) -> None:
-    raise error
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
@@ -99,8 +205,6 @@ class FileChild:
     """A local file or block device. Page-cached I/O runs inline on the event loop
     (a thread hop costs ~170 us, far more than a cached pread); only fsync, which
     can block for long, goes to a worker thread."""
-
-    runs_inline = True
 
     def __init__(self, name: str, path: str, readonly: bool = False) -> None:
         self.name = name
@@ -122,61 +226,40 @@ class FileChild:
         return ChildError(self.name, operation, offset, length, Errno.from_host(code),
                           os.strerror(code))
 
-    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
-        """Page-cached: the read happens right here; the awaitable only reports it."""
-        try:
-            self._read(buffer, offset)
-        except ChildError as error:
-            return _raise(error)
-        return _done()
-
-    async def read_into(self, buffer: memoryview, offset: int) -> None:
-        self._read(buffer, offset)
-
-    def _read(self, buffer: memoryview, offset: int) -> None:
+    def read(self, buffer: memoryview, offset: int) -> Pending[None]:
         done = 0
         try:
             while done < len(buffer):
                 count = os.preadv(self._fd, [buffer[done:]], offset + done)
                 if count == 0:
                     buffer[done:] = bytes(len(buffer) - done)  # past EOF reads as zeroes
-                    return
+                    break
                 done += count
         except OSError as error:
-            raise self._error("read", offset, len(buffer), error) from None
+            return Failed(self._error("read", offset, len(buffer), error))
+        return COMPLETED
 
-    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
-        try:
-            self._write(data, offset)
-        except ChildError as error:
-            return _raise(error)
-        return _done()
-
-    async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
-        self._write(data, offset)
-        if fua:
-            await self.flush()
-
-    def _write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              fua: bool) -> Pending[None]:
         view = memoryview(data)
         done = 0
         try:
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as error:
-            raise self._error("write", offset, len(view), error) from None
+            return Failed(self._error("write", offset, len(view), error))
+        return self.flush() if fua else COMPLETED
 
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                           fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
+                     fua: bool) -> Pending[None]:
         try:
             if not self._zero_quickly(offset, length, may_trim):
                 if fast:
                     raise OSError(errno.ENOTSUP, "cannot zero this range quickly")
                 self._write_zero_buffers(offset, length)
         except OSError as error:
-            raise self._error("write_zeroes", offset, length, error) from None
-        if fua:
-            await self.flush()
+            return Failed(self._error("write_zeroes", offset, length, error))
+        return self.flush() if fua else COMPLETED
 
     def _zero_quickly(self, offset: int, length: int, may_trim: bool) -> bool:
         """Zero with fallocate where the filesystem can; False where it cannot."""
@@ -203,31 +286,29 @@ class FileChild:
             step = min(len(zeroes), end - offset)
             offset += os.pwrite(self._fd, zeroes[:step], offset)
 
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        if length == 0:
-            return
-        try:
-            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as error:
-            # TRIM is a hint: a filesystem that cannot punch holes simply keeps the data.
-            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise self._error("trim", offset, length, error) from None
-        if fua:
-            await self.flush()
+    def trim(self, offset: int, length: int, fua: bool) -> Pending[None]:
+        if length:
+            try:
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as error:
+                # TRIM is a hint: a filesystem that cannot punch holes keeps the data.
+                if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    return Failed(self._error("trim", offset, length, error))
+        return self.flush() if fua else COMPLETED
 
-    async def flush(self) -> None:
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, self._fd)
-        except OSError as error:
-            raise self._error("flush", 0, 0, error) from None
+    def flush(self) -> Pending[None]:
+        fd = self._fd
+        return InThread(lambda: os.fdatasync(fd),
+                        lambda error: self._error("flush", 0, 0, error))
 
-    async def cache(self, offset: int, length: int) -> None:
+    def cache(self, offset: int, length: int) -> Pending[None]:
         try:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError as error:
-            raise self._error("cache", offset, length, error) from None
+            return Failed(self._error("cache", offset, length, error))
+        return COMPLETED
 
-    async def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int) -> Pending[list[Extent]]:
         """Allocation from SEEK_DATA/SEEK_HOLE; at most MAX_EXTENTS, which may cover
         less than asked (the client asks again for the rest)."""
         end = min(offset + length, self.size)
@@ -251,8 +332,8 @@ class FileChild:
                 found.append(Extent(data_end - position, AllocationState.DATA))
                 position = data_end
         except OSError as error:
-            raise self._error("block_status", offset, length, error) from None
-        return found
+            return Failed(self._error("block_status", offset, length, error))
+        return Completed(found)
 
     async def aclose(self) -> None:
         self.close()

@@ -26,12 +26,12 @@ from . import __version__
 from .children import Child, ChildError
 from .device import (
     DeviceError,
-    MismatchPolicy,
     SizeMismatch,
     VerificationFailed,
     VerifiedDevice,
 )
 from .log import configure_logging, log_event
+from .policy import MismatchPolicy, OnMismatch
 from .process import set_parent_death_signal
 from .report import Reporter
 from .server import ExportConfig, Server, TlsConfig
@@ -40,7 +40,6 @@ from .specs import ChildSpec, SpecError, open_child, parse_images
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_MISMATCH = 3
 DEFAULT_PORT = 10809
 
 
@@ -93,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-verify-peer", action="store_true",
                      help="require a client certificate signed by ca-cert.pem")
     verify = serve.add_argument_group("verification")
-    verify.add_argument("--on-mismatch", choices=[p.value for p in MismatchPolicy],
-                        default=MismatchPolicy.DISCONNECT.value,
+    verify.add_argument("--on-mismatch", choices=[p.value for p in OnMismatch],
+                        default=OnMismatch.DISCONNECT.value,
                         help="what a mismatch does (default %(default)s)")
     verify.add_argument("--raw-format", metavar="FORMAT",
                         help="RAW's image format (default: as qemu-img info says)")
@@ -177,7 +176,8 @@ async def open_device(args: argparse.Namespace, reporter: Reporter,
         raw, test = children
         try:
             return VerifiedDevice(raw, test, export_name=args.exportname,
-                                  policy=MismatchPolicy(args.on_mismatch), on_finding=reporter)
+                                  policy=MismatchPolicy(OnMismatch(args.on_mismatch)),
+                                  on_finding=reporter)
         except SizeMismatch as error:
             raise StartupError(f"{error} (RAW {raw_spec.target}, TEST {test_spec.target}); "
                                "they must start identical") from None
@@ -255,16 +255,17 @@ async def open_listeners(endpoint: Endpoint) -> list[trio.SocketListener]:
 
 @dataclass
 class Outcome:
-    exit_status: int = EXIT_OK
+    #: The --run command's exit status, once it has exited.
+    command_status: int | None = None
 
 
-async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespace,
-                     reporter: Reporter) -> int:
+async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespace) -> int:
     try:
         listeners = await open_listeners(endpoint)
     except OSError as error:
         raise StartupError(f"cannot listen on {endpoint.uri}: {error.strerror or error}") from None
     outcome = Outcome()
+    policy = server.device.policy
     # Signals are caught from before the server says it serves (or writes its
     # pidfile): a SIGTERM sent the moment it is ready still shuts down cleanly.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -276,15 +277,14 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
                       raw=server.device.raw.location, test=server.device.test.location)
             async with trio.open_nursery() as helpers:
                 helpers.start_soon(_stop_on_signal, server, signals)
-                if server.device.policy is MismatchPolicy.EXIT:
-                    helpers.start_soon(_exit_on_mismatch, server, outcome)
+                if policy.exits_on_stop:
+                    helpers.start_soon(_stop_with_export, server)
                 if args.run:
-                    helpers.start_soon(_run_command, args.run, endpoint, server, reporter,
-                                       outcome)
+                    helpers.start_soon(_run_command, args.run, endpoint, server, outcome)
                 await server.stopping.wait()
                 helpers.cancel_scope.cancel()
             # server.serve, still running in `nursery`, lets open connections finish.
-    return outcome.exit_status
+    return policy.exit_status(outcome.command_status)
 
 
 async def _stop_on_signal(server: Server, signals: AsyncIterator[int]) -> None:
@@ -294,19 +294,18 @@ async def _stop_on_signal(server: Server, signals: AsyncIterator[int]) -> None:
         return
 
 
-async def _exit_on_mismatch(server: Server, outcome: Outcome) -> None:
-    await server.device.stopped.wait()
-    outcome.exit_status = EXIT_MISMATCH
+async def _stop_with_export(server: Server) -> None:
+    await server.device.policy.stopped.wait()
     server.stop()
 
 
-async def _run_command(command: str, endpoint: Endpoint, server: Server, reporter: Reporter,
+async def _run_command(command: str, endpoint: Endpoint, server: Server,
                        outcome: Outcome) -> None:
     environment = {**os.environ, **endpoint.environment()}
     process = await trio.run_process(["/bin/sh", "-c", command], check=False, stdin=None,
                                      env=environment)
     status = process.returncode if process.returncode >= 0 else 128 - process.returncode
-    outcome.exit_status = EXIT_MISMATCH if reporter.count else status
+    outcome.command_status = status
     server.stop()
 
 
@@ -332,12 +331,12 @@ async def serve(args: argparse.Namespace) -> int:
                 reporter.attach(report)
             server = Server(device, ExportConfig(args.exportname, args.description,
                                                  args.readonly), tls_config(args))
-            status = await run_server(server, endpoint, args, reporter)
+            status = await run_server(server, endpoint, args)
             if not args.readonly:
                 with contextlib.suppress(DeviceError, VerificationFailed):
                     await device.flush()
             stats = device.statistics
-            log_event(logging.INFO, "stopped", "stopped", findings=reporter.count,
+            log_event(logging.INFO, "stopped", "stopped", findings=device.policy.findings,
                       reads=stats.reads, writes=stats.writes,
                       bytes_verified=stats.bytes_verified,
                       bytes_unverified=stats.bytes_unverified)

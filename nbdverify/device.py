@@ -8,37 +8,23 @@ replies.
 
 from __future__ import annotations
 
-import enum
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TypeVar
-
-import trio
+from typing import Any, Generic, TypeVar
 
 from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 from .changes import Change, ChangeKind, ChangeObserver, Origin
-from .children import Child, ChildError, Extent
+from .children import Child, ChildError, Extent, Later, Pending
 from .findings import Divergence, Finding, Mismatch, compare
-from .ranges import RangeSet, RequestOrdering
+from .policy import MismatchPolicy
+from .ranges import Hold, RangeSet, RequestOrdering
 
 T = TypeVar("T")
-
-
-class MismatchPolicy(enum.Enum):
-    #: Fail the read with EIO, close the connection, refuse new ones.
-    DISCONNECT = "disconnect"
-    #: Fail the read with EIO and keep serving.
-    ERROR = "error"
-    #: Return the raw (reference) data and keep serving, to collect every region.
-    LOG = "log"
-    #: As DISCONNECT, then the server exits with status 3.
-    EXIT = "exit"
-
-    @property
-    def stops_export(self) -> bool:
-        return self in (MismatchPolicy.DISCONNECT, MismatchPolicy.EXIT)
+R = TypeVar("R")
+#: Starts one operation on both children: (raw's, test's).
+Starter = Callable[[], tuple[Pending[T], Pending[T]]]
 
 
 class DeviceError(Exception):
@@ -69,15 +55,55 @@ class SizeMismatch(Exception):
 class Statistics:
     reads: int = 0
     writes: int = 0
-    zeroes: int = 0
-    trims: int = 0
-    flushes: int = 0
     bytes_verified: int = 0
     bytes_unverified: int = 0
-    findings: int = 0
 
 
 Outcome = tuple[T | None, ChildError | None]
+
+
+async def _both(raw: Pending[T], test: Pending[T]) -> tuple[Outcome[T], Outcome[T]]:
+    """Await two started child operations; each result or its error."""
+    results: list[Outcome[T]] = []
+    for pending in (raw, test):
+        try:
+            results.append((await pending, None))
+        except ChildError as error:
+            results.append((None, error))
+    return results[0], results[1]
+
+
+class Operation(Generic[T]):
+    """A device operation that has started: both children's parts are in flight
+    (or done already). Awaiting it finishes it: results compared, errors settled.
+
+    `ready` is the device's word that awaiting will not wait (page-cached files).
+    `waits_long` says it may take long for reasons other than a child's round trip
+    (an fsync, or an earlier overlapping request), so it is best not queued behind
+    others. An operation that is never awaited must be `abandon`ed.
+    """
+
+    __slots__ = ("_finish", "_hold", "_parts", "waits_long")
+
+    def __init__(self, finish: Coroutine[Any, Any, T], hold: Hold,
+                 parts: tuple[Pending[Any], ...], waits_long: bool) -> None:
+        self._finish = finish
+        self._hold = hold
+        self._parts = parts  # empty: not started yet (it waits for an earlier request)
+        self.waits_long = waits_long or not parts
+
+    @property
+    def ready(self) -> bool:
+        parts = self._parts
+        return bool(parts) and all(part.done for part in parts)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._finish.__await__()
+
+    def abandon(self) -> None:
+        """Never to be awaited (the connection is going): let later requests through."""
+        self._finish.close()
+        self._hold.release()
 
 
 class VerifiedDevice:
@@ -86,7 +112,7 @@ class VerifiedDevice:
         raw: Child,
         test: Child,
         export_name: str = "",
-        policy: MismatchPolicy = MismatchPolicy.DISCONNECT,
+        policy: MismatchPolicy | None = None,
         on_finding: Callable[[Finding], None] = lambda finding: None,
     ) -> None:
         if raw.size != test.size:
@@ -95,16 +121,10 @@ class VerifiedDevice:
         self.test = test
         self.size = raw.size
         self.export_name = export_name
-        self.policy = policy
+        self.policy = policy or MismatchPolicy()
         self.statistics = Statistics()
-        #: The finding that stopped the export (DISCONNECT and EXIT policies).
-        self.stopped_by: Finding | None = None
-        self.stopped = trio.Event()
         self._on_finding = on_finding
         self._ordering = RequestOrdering()
-        #: Both children answer without waiting (page-cached files), so a request
-        #: can be served inline, without a task of its own.
-        self.runs_inline = raw.runs_inline and test.runs_inline
         # Trimmed bytes: their content is unspecified until written again.
         self._unverified = RangeSet()
         #: Told of every completed change, in completion order (provenance, journal).
@@ -123,69 +143,46 @@ class VerifiedDevice:
         for observer in self.observers:
             observer.changed(change)
 
-    # --- Running an operation on both children ----------------------------------
+    # --- Starting an operation on both children -------------------------------------
 
-    async def _on_both(
-        self, operation: Callable[[Child], Awaitable[T]], concurrent: bool = False
-    ) -> tuple[Outcome[T], Outcome[T]]:
-        """Run on both children, in turn when both run inline (free) and the
-        operation does not wait (`concurrent` says it will: fsync), else together."""
-        async def attempt(child: Child) -> Outcome[T]:
-            try:
-                return await operation(child), None
-            except ChildError as error:
-                return None, error
+    def _on_each(self, start: Callable[[Child], Pending[T]]) -> Starter[T]:
+        """Start on both: TEST first, so that an NBD child's request is on its way
+        while a file child does its part."""
+        def start_both() -> tuple[Pending[T], Pending[T]]:
+            test = start(self.test)
+            return start(self.raw), test
+        return start_both
 
-        if self.raw.runs_inline and self.test.runs_inline and not concurrent:
-            return await attempt(self.raw), await attempt(self.test)
-        results: dict[str, Outcome[T]] = {}
+    def _start(self, offset: int, length: int, exclusive: bool, start_both: Starter[T],
+               finish: Callable[[Pending[T], Pending[T]], Coroutine[Any, Any, R]],
+               waits_long: bool = False) -> Operation[R]:
+        """The one way every operation runs: claim its range, start it on both
+        children, and return what finishes it."""
+        hold = self._ordering.enter(offset, offset + length, exclusive)
+        if hold.blocked:
+            return Operation(self._start_later(hold, start_both, finish), hold, (), waits_long)
+        raw, test = start_both()
+        return Operation(self._finish_then_release(hold, finish, raw, test), hold, (raw, test),
+                         waits_long)
 
-        async def run(key: str, child: Child) -> None:
-            results[key] = await attempt(child)
-
-        async with trio.open_nursery() as nursery:
-            # The child that waits gets the task; an inline one runs meanwhile in
-            # this task, which saves a task per request.
-            if self.test.runs_inline and not concurrent:
-                nursery.start_soon(run, "raw", self.raw)
-                await run("test", self.test)
-            elif self.raw.runs_inline and not concurrent:
-                nursery.start_soon(run, "test", self.test)
-                await run("raw", self.raw)
-            else:
-                nursery.start_soon(run, "raw", self.raw)
-                nursery.start_soon(run, "test", self.test)
-        return results["raw"], results["test"]
-
-    async def _start_both(
-        self, start: Callable[[Child], Awaitable[None]]
-    ) -> tuple[ChildError | None, ChildError | None]:
-        """Both children's operation in flight at once, with no task: each child
-        starts it (an NBD child sends its request, a file child does the work in
-        place), then both are awaited. Errors come back as (raw, test)."""
-        started: list[Awaitable[None] | ChildError] = []
-        for child in (self.test, self.raw):
-            try:
-                started.append(start(child))
-            except ChildError as error:
-                started.append(error)
-        errors: list[ChildError | None] = []
+    async def _start_later(self, hold: Hold, start_both: Starter[T],
+                           finish: Callable[[Pending[T], Pending[T]],
+                                            Coroutine[Any, Any, R]]) -> R:
         try:
-            for pending in started:
-                if isinstance(pending, ChildError):
-                    errors.append(pending)
-                    continue
-                try:
-                    await pending
-                    errors.append(None)
-                except ChildError as error:
-                    errors.append(error)
+            await hold.wait()
+            raw, test = start_both()
+            return await finish(raw, test)
         finally:
-            for pending in started[len(errors) + 1:]:  # cancelled: never to be awaited
-                if isinstance(pending, Coroutine):
-                    pending.close()
-        test_error, raw_error = errors
-        return raw_error, test_error
+            hold.release()
+
+    @staticmethod
+    async def _finish_then_release(
+            hold: Hold, finish: Callable[[Pending[T], Pending[T]], Coroutine[Any, Any, R]],
+            raw: Pending[T], test: Pending[T]) -> R:
+        try:
+            return await finish(raw, test)
+        finally:
+            hold.release()
 
     def _settle(self, operation: str, offset: int, length: int,
                 raw: ChildError | None, test: ChildError | None) -> None:
@@ -204,128 +201,143 @@ class VerifiedDevice:
             raise DeviceError(raw.error, str(raw))
 
     def _found(self, finding: Finding) -> None:
-        """Report a finding and apply the policy; returns only under LOG."""
-        self.statistics.findings += 1
-        if self.policy.stops_export and self.stopped_by is None:
-            self.stopped_by = finding
-            self.stopped.set()
+        """Report a finding; raise unless the policy says the request goes on."""
+        fails = self.policy.judge(finding)
         self._on_finding(finding)
-        if self.policy is not MismatchPolicy.LOG:
+        if fails:
             raise VerificationFailed(finding)
 
     # --- Operations ------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int, headroom: int = 0) -> bytearray:
+    def read(self, offset: int, length: int, headroom: int = 0) -> Operation[bytearray]:
         """The verified bytes, after `headroom` spare bytes for a reply header."""
         self.statistics.reads += 1
-        end = offset + length
-        async with self._ordering.hold(offset, end, exclusive=False):
-            reference = bytearray(headroom + length)
-            candidate = bytearray(headroom + length)
-            views = {self.raw: memoryview(reference)[headroom:],
-                     self.test: memoryview(candidate)[headroom:]}
-            raw_error, test_error = await self._start_both(
-                lambda child: child.post_read(views[child], offset))
+        reference = bytearray(headroom + length)
+        candidate = bytearray(headroom + length)
+        views = {self.raw: memoryview(reference)[headroom:],
+                 self.test: memoryview(candidate)[headroom:]}
+
+        async def finish(raw: Pending[None], test: Pending[None]) -> bytearray:
+            (_, raw_error), (_, test_error) = await _both(raw, test)
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference
-            for start, stop in self._unverified.overlapping(offset, end):
-                # Trimmed content is unspecified: not a finding, just not checked.
-                a, b = headroom + start - offset, headroom + stop - offset
-                candidate[a:b] = reference[a:b]
-                self.statistics.bytes_unverified += stop - start
-            # Both buffers carry the same (zeroed) headroom, so comparing whole
-            # bytearrays compares the data at memcmp speed, with no copy.
-            if reference != candidate:
-                difference = compare(reference, candidate, headroom, offset, length)
-                assert difference is not None
-                self._found(Mismatch(self.export_name, "read", offset, length,
-                                     difference=difference))
-            self.statistics.bytes_verified += length
+            self._verify(reference, candidate, headroom, offset, length)
             return reference
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
-                    origin: Origin | None = None) -> None:
-        self.statistics.writes += 1
-        length = len(data)
-        async with self._ordering.hold(offset, offset + length, exclusive=True):
-            if fua:  # the two syncs run concurrently
-                (_, raw), (_, test) = await self._on_both(
-                    lambda child: child.write(data, offset, fua), concurrent=True)
-            else:
-                raw, test = await self._start_both(lambda child: child.post_write(data, offset))
-            self._unverified.remove(offset, offset + length)
-            self._changed(ChangeKind.WRITE, offset, length, CommandFlag.FUA if fua else 0,
-                          origin, data)
-            self._settle("write", offset, length, raw, test)
+        return self._start(offset, length, False,
+                           self._on_each(lambda child: child.read(views[child], offset)), finish)
 
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                           fua: bool, origin: Origin | None = None) -> None:
-        self.statistics.zeroes += 1
+    def _verify(self, reference: bytearray, candidate: bytearray, headroom: int,
+                offset: int, length: int) -> None:
+        end = offset + length
+        for start, stop in self._unverified.overlapping(offset, end):
+            # Trimmed content is unspecified: not a finding, just not checked.
+            a, b = headroom + start - offset, headroom + stop - offset
+            candidate[a:b] = reference[a:b]
+            self.statistics.bytes_unverified += stop - start
+        # Both buffers carry the same (zeroed) headroom, so comparing whole
+        # bytearrays compares the data at memcmp speed, with no copy.
+        if reference != candidate:
+            difference = compare(reference, candidate, headroom, offset, length)
+            assert difference is not None
+            self._found(Mismatch(self.export_name, "read", offset, length,
+                                 difference=difference))
+        self.statistics.bytes_verified += length
+
+    def _change(self, kind: ChangeKind, offset: int, length: int, flags: int,
+                origin: Origin | None, data: bytes | bytearray | memoryview | None,
+                start_both: Starter[None]) -> Operation[None]:
+        """WRITE, WRITE_ZEROES or TRIM: on both children, then recorded."""
+        async def finish(raw: Pending[None], test: Pending[None]) -> None:
+            (_, raw_error), (_, test_error) = await _both(raw, test)
+            if raw_error and raw_error.error == Errno.ENOTSUP and flags & CommandFlag.FAST_ZERO:
+                raise DeviceError(Errno.ENOTSUP, "cannot zero quickly")  # nothing was zeroed
+            if kind is ChangeKind.TRIM:
+                self._unverified.add(offset, offset + length)
+            else:
+                self._unverified.remove(offset, offset + length)
+            self._changed(kind, offset, length, flags, origin, data)
+            self._settle(kind.value, offset, length, raw_error, test_error)
+
+        return self._start(offset, length, True, start_both, finish,
+                           waits_long=bool(flags & CommandFlag.FUA))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
+              origin: Origin | None = None) -> Operation[None]:
+        self.statistics.writes += 1
+        return self._change(ChangeKind.WRITE, offset, len(data), CommandFlag.FUA if fua else 0,
+                            origin, data,
+                            self._on_each(lambda child: child.write(data, offset, fua)))
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
+                     fua: bool, origin: Origin | None = None) -> Operation[None]:
         flags = ((0 if may_trim else CommandFlag.NO_HOLE) | (CommandFlag.FAST_ZERO if fast else 0)
                  | (CommandFlag.FUA if fua else 0))
-        async with self._ordering.hold(offset, offset + length, exclusive=True):
-            if fast:
-                raw, test = await self._fast_zero(offset, length, may_trim, fua)
-            else:
-                (_, raw), (_, test) = await self._on_both(
-                    lambda child: child.write_zeroes(offset, length, may_trim, False, fua),
-                    concurrent=fua,
-                )
-            self._unverified.remove(offset, offset + length)
-            self._changed(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin)
-            self._settle("write_zeroes", offset, length, raw, test)
-
-    async def _fast_zero(self, offset: int, length: int, may_trim: bool,
-                         fua: bool) -> tuple[ChildError | None, ChildError | None]:
-        """FAST_ZERO must fail with ENOTSUP rather than be slow, but must never leave
-        one child zeroed and the other not: the reference goes first, and if the
-        test child cannot zero quickly after it did, the test child zeroes slowly."""
-        try:
-            await self.raw.write_zeroes(offset, length, may_trim, True, fua)
-        except ChildError as error:
-            if error.error == Errno.ENOTSUP:
-                raise DeviceError(Errno.ENOTSUP, "cannot zero quickly") from None
-            raw_error: ChildError | None = error
+        if fast:
+            start_both = self._zero_fast(offset, length, may_trim, fua)
         else:
-            raw_error = None
-        test_error = None
-        try:
-            await self.test.write_zeroes(offset, length, may_trim, False, fua)
-        except ChildError as error:
-            test_error = error
-        return raw_error, test_error
+            start_both = self._on_each(
+                lambda child: child.write_zeroes(offset, length, may_trim, False, fua))
+        return self._change(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin, None,
+                            start_both)
 
-    async def trim(self, offset: int, length: int, fua: bool,
-                   origin: Origin | None = None) -> None:
-        self.statistics.trims += 1
-        async with self._ordering.hold(offset, offset + length, exclusive=True):
-            (_, raw), (_, test) = await self._on_both(
-                lambda child: child.trim(offset, length, fua), concurrent=fua
-            )
-            self._unverified.add(offset, offset + length)
-            self._changed(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0, origin)
-            self._settle("trim", offset, length, raw, test)
+    def _zero_fast(self, offset: int, length: int, may_trim: bool,
+                   fua: bool) -> Starter[None]:
+        """FAST_ZERO must fail with ENOTSUP rather than be slow, but must never leave
+        one child zeroed and the other not: the reference goes first, and once it
+        has zeroed quickly, the test child zeroes however it can."""
+        def start_both() -> tuple[Pending[None], Pending[None]]:
+            reference = self.raw.write_zeroes(offset, length, may_trim, True, fua)
 
-    async def flush(self, origin: Origin | None = None) -> None:
+            async def after_reference() -> None:
+                try:
+                    await reference
+                except ChildError:
+                    return  # the device reports the reference's failure; TEST stays as it was
+                await self.test.write_zeroes(offset, length, may_trim, False, fua)
+
+            return reference, Later(after_reference)
+        return start_both
+
+    def trim(self, offset: int, length: int, fua: bool,
+             origin: Origin | None = None) -> Operation[None]:
+        return self._change(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0,
+                            origin, None,
+                            self._on_each(lambda child: child.trim(offset, length, fua)))
+
+    def flush(self, origin: Origin | None = None) -> Operation[None]:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
-        self.statistics.flushes += 1
-        (_, raw), (_, test) = await self._on_both(lambda child: child.flush(), concurrent=True)
-        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
-        self._settle("flush", 0, 0, raw, test)
+        async def finish(raw: Pending[None], test: Pending[None]) -> None:
+            (_, raw_error), (_, test_error) = await _both(raw, test)
+            self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
+            self._settle("flush", 0, 0, raw_error, test_error)
 
-    async def cache(self, offset: int, length: int) -> None:
-        (_, raw), (_, test) = await self._on_both(lambda child: child.cache(offset, length))
-        self._settle("cache", offset, length, raw, test)
+        # A flush claims no range: it covers what completed before it.
+        return self._start(0, 0, False, self._on_each(lambda child: child.flush()), finish,
+                           waits_long=True)
 
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
+    def cache(self, offset: int, length: int) -> Operation[None]:
+        async def finish(raw: Pending[None], test: Pending[None]) -> None:
+            (_, raw_error), (_, test_error) = await _both(raw, test)
+            self._settle("cache", offset, length, raw_error, test_error)
+
+        return self._start(offset, length, False,
+                           self._on_each(lambda child: child.cache(offset, length)), finish)
+
+    def block_status(self, offset: int, length: int) -> Operation[list[Extent]]:
         """Allocation where both children agree: a range is a hole, or reads as
         zero, only if it is so on both. A child that cannot tell counts as data."""
-        (raw, _), (test, _) = await self._on_both(lambda child: child.extents(offset, length))
-        return merge_extents(
-            raw or [Extent(length, AllocationState.DATA)],
-            test or [Extent(length, AllocationState.DATA)],
-        )
+        async def finish(raw_pending: Pending[list[Extent]],
+                         test_pending: Pending[list[Extent]]) -> list[Extent]:
+            (raw, _), (test, _) = await _both(raw_pending, test_pending)
+            return merge_extents(
+                raw or [Extent(length, AllocationState.DATA)],
+                test or [Extent(length, AllocationState.DATA)],
+            )
+
+        return self._start(offset, length, False,
+                           self._on_each(lambda child: child.extents(offset, length)), finish)
 
     @property
     def unverified_ranges(self) -> list[tuple[int, int]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -19,11 +21,8 @@ import trio
 from nbdverify_protocol.client import (
     ClientNegotiation,
     ExportOpened,
-    NegotiationRefused,
-    ReplyData,
     ReplyDone,
     ReplyExtents,
-    ReplyHole,
     ReplyReader,
 )
 from nbdverify_protocol.constants import (
@@ -34,11 +33,11 @@ from nbdverify_protocol.constants import (
     Errno,
     TransmissionFlag,
 )
-from nbdverify_protocol.errors import RemoteProtocolError
+from nbdverify_protocol.errors import ProtocolError, RemoteProtocolError
 from nbdverify_protocol.events import NEED_DATA
 from nbdverify_protocol.transmission import build_request
 
-from .children import ZERO_CHUNK, ChildError, Extent
+from .children import COMPLETED, ZERO_CHUNK, ChildError, Completed, Extent, Failed, Later, Pending
 from .log import log_event
 from .transport import Transport
 
@@ -82,24 +81,60 @@ def is_nbd_uri(text: str) -> bool:
     return text.startswith(("nbd://", "nbd+unix://"))
 
 
-@dataclass(eq=False, slots=True)
 class _Request:
-    cookie: int
-    operation: str
-    command: Command
-    offset: int
-    length: int
-    buffer: memoryview | None = None
-    extents: list[tuple[int, int]] = field(default_factory=list)
-    done: trio.Event = field(default_factory=trio.Event)
-    result: ReplyDone | None = None
+    """One request in flight to the child server: the Pending the device awaits."""
+
+    __slots__ = ("child", "cookie", "extents", "finished", "length", "offset",
+                 "operation", "result")
+
+    def __init__(self, child: NbdChild, cookie: int, operation: str, offset: int,
+                 length: int) -> None:
+        self.child = child
+        self.cookie = cookie
+        self.operation = operation
+        self.offset = offset
+        self.length = length
+        self.extents: list[tuple[int, int]] = []
+        self.finished = trio.Event()
+        self.result: ReplyDone | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.child._finish(self).__await__()
+
+
+class _All:
+    """Several requests (one operation split at the server's maximum size) as one."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: list[Pending[None]]) -> None:
+        self._parts = parts
+
+    @property
+    def done(self) -> bool:
+        return all(part.done for part in self._parts)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._finish().__await__()
+
+    async def _finish(self) -> None:
+        first: ChildError | None = None
+        for part in self._parts:
+            try:
+                await part
+            except ChildError as error:
+                first = first or error
+        if first is not None:
+            raise first
 
 
 class NbdChild:
-    runs_inline = False
-
     def __init__(self, name: str, location: str, stream: trio.SocketStream,
-                 opened: ExportOpened, timeout: float | None) -> None:
+                 opened: ExportOpened, timeout: float | None, initial: bytes) -> None:
         self.name = name
         self.location = location
         self.size = opened.size
@@ -109,13 +144,13 @@ class NbdChild:
         maximum = opened.block_size.maximum if opened.block_size else DEFAULT_MAX_REQUEST
         self._max_request = min(maximum, DEFAULT_MAX_REQUEST * 2)
         self._timeout = timeout
-        self._reader = ReplyReader()
-        self._incoming = Transport.over_socket(stream.socket)
+        self._reader = ReplyReader(opened.structured_replies, initial)
+        self._transport = Transport.over_socket(stream.socket)
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
         # Requests go out through one writer task: all those made in one scheduler
-        # tick leave in one send instead of one send each.
-        self._outbox: list[bytes] = []
+        # tick leave in one sendmsg instead of one send each.
+        self._outbox: list[bytes | bytearray | memoryview] = []
         self._outbox_ready = trio.Event()
         self._outbox_empty = trio.Event()
         self._lost: str | None = None
@@ -141,22 +176,21 @@ class NbdChild:
                         raise RemoteProtocolError("server closed the connection")
                     machine.receive_data(data)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                RemoteProtocolError, NegotiationRefused) as error:
+                ProtocolError) as error:
             raise ChildError(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None
         assert isinstance(event, ExportOpened)
-        child = cls(name, uri, stream, event, timeout)
-        child._reader.receive_data(machine.trailing_data)
+        child = cls(name, uri, stream, event, timeout, machine.trailing_data)
         nursery.start_soon(child._read_replies)
         nursery.start_soon(child._write_requests)
         return child
 
     # --- Reply dispatch ------------------------------------------------------------
 
-    def _post(self, message: bytes) -> None:
-        self._outbox.append(message)
-        if len(self._outbox) == 1:
+    def _post(self, *message: bytes | bytearray | memoryview) -> None:
+        if not self._outbox:
             self._outbox_empty = trio.Event()
             self._outbox_ready.set()
+        self._outbox.extend(message)
 
     async def _write_requests(self) -> None:
         try:
@@ -164,46 +198,32 @@ class NbdChild:
                 await self._outbox_ready.wait()
                 self._outbox_ready = trio.Event()
                 batch, self._outbox = self._outbox, []
-                await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                await self._transport.send_all(batch)
                 if not self._outbox:
                     self._outbox_empty.set()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             self._lose(str(error) or type(error).__name__)
 
     async def _read_replies(self) -> None:
+        reader = self._reader
+        receive_into = self._transport.receive_into
         try:
             while True:
-                event = self._reader.next_event()
+                event = reader.next_event()
                 if event is NEED_DATA:
-                    # Into one kept buffer: receive_some(n) would allocate n bytes each time.
-                    data = await self._incoming.receive_some()
-                    if not data:
-                        raise EOFError("server closed the connection")
-                    self._reader.receive_data(data)
+                    reader.received(await receive_into(reader.receive_buffer()))
                     continue
-                request = self._in_flight.get(event.cookie)
-                if request is None:
-                    continue  # the request gave up waiting (timeout); drop its reply
-                if isinstance(event, ReplyData):
-                    self._place(request, event.offset, event.data)
-                elif isinstance(event, ReplyHole):
-                    self._place(request, event.offset, bytes(event.length))
-                elif isinstance(event, ReplyExtents):
+                request = self._in_flight[event.cookie]
+                if isinstance(event, ReplyExtents):
                     if event.context_id == self._context:
                         request.extents.extend(event.extents)
-                else:
-                    request.result = event
-                    del self._in_flight[event.cookie]
-                    request.done.set()
-        except (EOFError, OSError, RemoteProtocolError, trio.BrokenResourceError,
+                    continue
+                del self._in_flight[event.cookie]
+                request.result = event
+                request.finished.set()
+        except (OSError, RemoteProtocolError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as error:
             self._lose(str(error) or type(error).__name__)
-
-    def _place(self, request: _Request, offset: int, data: bytes) -> None:
-        start = offset - request.offset
-        if request.buffer is None or start < 0 or start + len(data) > request.length:
-            raise RemoteProtocolError(f"read data outside the request at offset {offset}")
-        request.buffer[start:start + len(data)] = data
 
     def _lose(self, reason: str) -> None:
         """The connection is gone: fail everything waiting, and all that follows."""
@@ -212,7 +232,7 @@ class NbdChild:
             log_event(logging.ERROR, "child-lost", f"{self.name} child {self.location}: "
                       f"connection lost: {reason}", child=self.name)
         for request in self._in_flight.values():
-            request.done.set()
+            request.finished.set()
         self._in_flight.clear()
 
     # --- Requests ----------------------------------------------------------------
@@ -226,52 +246,39 @@ class NbdChild:
         return ChildError(self.name, operation, offset, length, code, detail)
 
     def _submit(self, operation: str, command: Command, offset: int, length: int,
-                flags: int = 0, payload: bytes | bytearray | memoryview = b"",
-                buffer: memoryview | None = None) -> _Request:
-        """Queue one request for the writer; `_finish` waits for its reply."""
+                flags: int = 0, payload: bytes | bytearray | memoryview | None = None,
+                buffer: memoryview | None = None) -> Pending[None]:
+        """Queue one request for the writer; awaiting the result waits for its reply."""
         if self._lost is not None:
-            raise self._error(operation, offset, length, Errno.EIO,
-                              f"connection lost: {self._lost}")
+            return Failed(self._error(operation, offset, length, Errno.EIO,
+                                      f"connection lost: {self._lost}"))
         cookie = next(self._cookies)
-        request = _Request(cookie, operation, command, offset, length, buffer)
+        request = _Request(self, cookie, operation, offset, length)
         self._in_flight[cookie] = request
-        if command is Command.READ:
-            self._reader.expect_read(cookie, offset, length)
-        self._post(build_request(command, offset, length, cookie, flags) + bytes(payload))
+        self._reader.expect(cookie, offset, length, buffer)
+        header = build_request(command, offset, length, cookie, flags)
+        if payload is None:
+            self._post(header)
+        else:
+            self._post(header, payload)
         return request
 
-    async def _finish(self, request: _Request) -> _Request:
-        try:
-            with trio.move_on_after(self._timeout if self._timeout else float("inf")):
-                await request.done.wait()
-        finally:
-            self._in_flight.pop(request.cookie, None)
+    async def _finish(self, request: _Request) -> None:
+        if not request.finished.is_set():
+            with trio.move_on_after(self._timeout if self._timeout else math.inf):
+                await request.finished.wait()
         operation, offset, length = request.operation, request.offset, request.length
-        if request.result is None:
-            request.buffer = None  # a late reply must not land in a buffer we gave up
+        result = request.result
+        if result is None:
+            # Given up: the reply is still parsed when it comes, its data dropped.
+            self._reader.abandon(request.cookie)
             detail = (f"connection lost: {self._lost}" if self._lost is not None
                       else f"no reply within {self._timeout} s")
             raise self._error(operation, offset, length, Errno.EIO, detail)
-        if request.result.error:
-            code = request.result.error
-            detail = request.result.message or f"error {code}"
+        if result.error:
+            code = result.error
+            detail = result.message or f"error {code}"
             raise self._error(operation, offset, length, code, detail)
-        return request
-
-    async def _finish_all(self, requests: list[_Request]) -> None:
-        """Wait for every request (all are in flight already); raise the first error."""
-        first: ChildError | None = None
-        for request in requests:
-            try:
-                await self._finish(request)
-            except ChildError as error:
-                first = first or error
-        if first is not None:
-            raise first
-
-    async def _call(self, operation: str, command: Command, offset: int, length: int,
-                    flags: int = 0) -> _Request:
-        return await self._finish(self._submit(operation, command, offset, length, flags))
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self._max_request
@@ -282,85 +289,94 @@ class NbdChild:
         return bool(self._flags & flag)
 
     def _submit_pieces(self, operation: str, command: Command, offset: int,
-                       view: memoryview, flags: int) -> list[_Request]:
+                       view: memoryview, flags: int) -> Pending[None]:
         """READ into, or WRITE from, `view`, split at the server's maximum request size;
         all pieces go out together."""
-        requests = []
-        for start, length in self._pieces(offset, len(view)):
-            part = view[start - offset:start - offset + length]
+        if len(view) <= self._max_request:
             if command is Command.READ:
-                requests.append(self._submit(operation, command, start, length, flags,
-                                             buffer=part))
-            else:
-                requests.append(self._submit(operation, command, start, length, flags,
-                                             payload=part))
-        return requests
+                return self._submit(operation, command, offset, len(view), flags, buffer=view)
+            return self._submit(operation, command, offset, len(view), flags, payload=view)
+        parts: list[Pending[None]] = []
+        for start, length in self._pieces(offset, len(view)):
+            parts.append(self._submit_pieces(operation, command, start,
+                                             view[start - offset:start - offset + length],
+                                             flags))
+        return _All(parts)
 
-    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
-        """Send the READ now; the returned awaitable waits for its data. Lets the
-        device read the other child meanwhile without a task for this one."""
-        return self._finish_all(self._submit_pieces("read", Command.READ, offset, buffer, 0))
+    def read(self, buffer: memoryview, offset: int) -> Pending[None]:
+        return self._submit_pieces("read", Command.READ, offset, buffer, 0)
 
-    async def read_into(self, buffer: memoryview, offset: int) -> None:
-        await self.post_read(buffer, offset)
-
-    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
-        """Send the WRITE now; the returned awaitable waits for its reply."""
-        return self._finish_all(
-            self._submit_pieces("write", Command.WRITE, offset, memoryview(data), 0))
-
-    async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              fua: bool) -> Pending[None]:
         native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
-        flags = CommandFlag.FUA if native_fua else 0
-        await self._finish_all(
-            self._submit_pieces("write", Command.WRITE, offset, memoryview(data), flags))
+        written = self._submit_pieces("write", Command.WRITE, offset, memoryview(data),
+                                      CommandFlag.FUA if native_fua else 0)
         if fua and not native_fua:
-            await self.flush()
+            return self._then_flush(written)
+        return written
 
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                           fua: bool) -> None:
+    def _then_flush(self, first: Pending[None]) -> Pending[None]:
+        """FUA where the server has none: the operation, then a FLUSH."""
+        async def both() -> None:
+            await first
+            await self.flush()
+        return Later(both)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
+                     fua: bool) -> Pending[None]:
         if not self._can(TransmissionFlag.SEND_WRITE_ZEROES):
             if fast:
-                raise self._error("write_zeroes", offset, length, Errno.ENOTSUP,
-                                  "server cannot write zeroes")
-            for start in range(offset, offset + length, ZERO_CHUNK):
-                await self.write(bytes(min(ZERO_CHUNK, offset + length - start)), start, False)
-            if fua:
-                await self.flush()
-            return
+                return Failed(self._error("write_zeroes", offset, length, Errno.ENOTSUP,
+                                          "server cannot write zeroes"))
+            return Later(lambda: self._write_zero_buffers(offset, length, fua))
         flags = 0 if may_trim else CommandFlag.NO_HOLE
         if fast:
             if not self._can(TransmissionFlag.SEND_FAST_ZERO):
-                raise self._error("write_zeroes", offset, length, Errno.ENOTSUP,
-                                  "server cannot zero quickly")
+                return Failed(self._error("write_zeroes", offset, length, Errno.ENOTSUP,
+                                          "server cannot zero quickly"))
             flags |= CommandFlag.FAST_ZERO
-        if fua and self._can(TransmissionFlag.SEND_FUA):
+        native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
+        if native_fua:
             flags |= CommandFlag.FUA
-        await self._call("write_zeroes", Command.WRITE_ZEROES, offset, length, flags)
-        if fua and not self._can(TransmissionFlag.SEND_FUA):
-            await self.flush()
+        zeroed = self._submit("write_zeroes", Command.WRITE_ZEROES, offset, length, flags)
+        return self._then_flush(zeroed) if fua and not native_fua else zeroed
 
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        if self._can(TransmissionFlag.SEND_TRIM) and length:
-            await self._call("trim", Command.TRIM, offset, length)
+    async def _write_zero_buffers(self, offset: int, length: int, fua: bool) -> None:
+        for start in range(offset, offset + length, ZERO_CHUNK):
+            await self.write(bytes(min(ZERO_CHUNK, offset + length - start)), start, False)
         if fua:
             await self.flush()
 
-    async def flush(self) -> None:
+    def trim(self, offset: int, length: int, fua: bool) -> Pending[None]:
+        if not (self._can(TransmissionFlag.SEND_TRIM) and length):
+            return self.flush() if fua else COMPLETED
+        native_fua = fua and self._can(TransmissionFlag.SEND_FUA)
+        trimmed = self._submit("trim", Command.TRIM, offset, length,
+                               CommandFlag.FUA if native_fua else 0)
+        return self._then_flush(trimmed) if fua and not native_fua else trimmed
+
+    def flush(self) -> Pending[None]:
         if self._can(TransmissionFlag.SEND_FLUSH):
-            await self._call("flush", Command.FLUSH, 0, 0)
+            return self._submit("flush", Command.FLUSH, 0, 0)
+        return COMPLETED
 
-    async def cache(self, offset: int, length: int) -> None:
+    def cache(self, offset: int, length: int) -> Pending[None]:
         if self._can(TransmissionFlag.SEND_CACHE) and length:
-            await self._call("cache", Command.CACHE, offset, length)
+            return self._submit("cache", Command.CACHE, offset, length)
+        return COMPLETED
 
-    async def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int) -> Pending[list[Extent]]:
         if self._context is None or not length:
-            return [Extent(length, AllocationState.DATA)]
-        request = await self._call("block_status", Command.BLOCK_STATUS, offset, length)
+            return Completed([Extent(length, AllocationState.DATA)])
+        asked = self._submit("block_status", Command.BLOCK_STATUS, offset, length)
+        return Later(lambda: self._collect_extents(asked, length))
+
+    async def _collect_extents(self, asked: Pending[None], length: int) -> list[Extent]:
+        await asked
+        assert isinstance(asked, _Request)
         found = []
         total = 0
-        for extent_length, flags in request.extents:
+        for extent_length, flags in asked.extents:
             extent_length = min(extent_length, length - total)
             if extent_length <= 0:
                 break

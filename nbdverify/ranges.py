@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import trio
 
 
-@dataclass(eq=False, slots=True)
-class _Hold:
-    start: int
-    end: int
-    exclusive: bool
-    released: trio.Event = field(default_factory=trio.Event)
+class Hold:
+    """One request's claim on a byte range, from its arrival until it is done."""
+
+    __slots__ = ("_earlier", "_ordering", "_released", "active", "end", "exclusive", "start")
+
+    def __init__(self, ordering: RequestOrdering, start: int, end: int, exclusive: bool,
+                 earlier: list[Hold]) -> None:
+        self._ordering = ordering
+        self.start = start
+        self.end = end
+        self.exclusive = exclusive
+        self._earlier = earlier
+        self._released: trio.Event | None = None  # made only when somebody waits
+        self.active = True
+
+    @property
+    def blocked(self) -> bool:
+        """An earlier conflicting request has not finished yet."""
+        self._earlier = [other for other in self._earlier if other.active]
+        return bool(self._earlier)
+
+    async def wait(self) -> None:
+        """Until every earlier conflicting request has finished."""
+        for other in self._earlier:
+            if other.active:
+                if other._released is None:
+                    other._released = trio.Event()
+                await other._released.wait()
+        self._earlier = []
+
+    def release(self) -> None:
+        """This request is done (safe to call again)."""
+        if not self.active:
+            return
+        self.active = False
+        self._ordering._release(self)
+        if self._released is not None:
+            self._released.set()
 
 
 class RequestOrdering:
@@ -28,24 +57,24 @@ class RequestOrdering:
     """
 
     def __init__(self) -> None:
-        self._holds: list[_Hold] = []
+        self._holds: dict[Hold, None] = {}  # in arrival order
+        self._exclusive = 0  # how many of them are writes
 
-    @asynccontextmanager
-    async def hold(self, start: int, end: int, exclusive: bool) -> AsyncIterator[None]:
-        earlier = [
-            other
-            for other in self._holds
-            if other.start < end and start < other.end and (exclusive or other.exclusive)
-        ]
-        hold = _Hold(start, end, exclusive)
-        self._holds.append(hold)
-        try:
-            for other in earlier:
-                await other.released.wait()
-            yield
-        finally:
-            hold.released.set()
-            self._holds.remove(hold)
+    def enter(self, start: int, end: int, exclusive: bool) -> Hold:
+        """Claim [start, end) now; the hold says whether it must wait first."""
+        earlier: list[Hold] = []
+        if exclusive or self._exclusive:  # reads among reads never conflict
+            earlier = [other for other in self._holds
+                       if other.start < end and start < other.end
+                       and (exclusive or other.exclusive)]
+        hold = Hold(self, start, end, exclusive, earlier)
+        self._holds[hold] = None
+        self._exclusive += exclusive
+        return hold
+
+    def _release(self, hold: Hold) -> None:
+        del self._holds[hold]
+        self._exclusive -= hold.exclusive
 
     @property
     def in_flight(self) -> int:

@@ -16,8 +16,6 @@ class Reporter:
 
     def __init__(self, report: IO[str] | None = None) -> None:
         self._report = report
-        self.count = 0  # findings so far
-        self.first: Finding | None = None
 
     def attach(self, report: IO[str]) -> None:
         """Start writing JSON lines to `report` (opened once the images checked out,
@@ -25,8 +23,6 @@ class Reporter:
         self._report = report
 
     def __call__(self, finding: Finding) -> None:
-        self.count += 1
-        self.first = self.first or finding
         log_event(logging.ERROR, finding.kind, finding.summary())
         for line in finding.details():
             log_event(logging.ERROR, "hexdump", "  " + line)

@@ -6,7 +6,9 @@ import contextlib
 import itertools
 import logging
 import ssl
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -43,41 +45,33 @@ from nbdverify_protocol.negotiation import (
     match_meta_contexts,
 )
 from nbdverify_protocol.transmission import (
-    MAX_EXTENT_LENGTH,
     MAX_PAYLOAD,
     MINIMUM_BLOCK_SIZE,
     PREFERRED_BLOCK_SIZE,
-    REQUEST_HEADER,
+    Disconnect,
+    EndOfStream,
     Negotiated,
     Request,
-    block_status_chunk,
-    error_reply,
-    none_chunk,
-    pack_read_reply_header,
-    parse_request,
-    read_reply_header_size,
-    request_error,
-    simple_reply,
+    RequestAnswered,
+    ServerTransmission,
 )
 
 from .changes import Origin
-from .device import DeviceError, VerificationFailed, VerifiedDevice
+from .device import DeviceError, Operation, VerificationFailed, VerifiedDevice
 from .log import log_event
 from .transport import ConnectionLost, Transport
 
-# Per connection: requests in flight, and the bytes their buffers may hold. A
-# client that sends requests and never reads replies stalls here, bounded.
+# Per connection: requests in flight, and the bytes their buffers may hold until
+# their replies are sent. A client that sends requests and never reads replies
+# stalls here, bounded.
 MAX_IN_FLIGHT = 64
 MEMORY_BUDGET = 256 * 1024 * 1024
 # A client must finish negotiating within this (a connection that never speaks
 # must not hold resources forever; qemu-nbd's --handshake-limit is 10 s).
 HANDSHAKE_TIMEOUT_SECONDS = 60.0
-# Replies served inline are sent together once this much is queued (or sooner,
-# whenever the next request is not already here).
+# Queued replies are sent once this much is waiting (or sooner, whenever the next
+# step would wait).
 REPLY_BATCH_BYTES = 256 * 1024
-# READs and WRITEs larger than this get a task of their own even on inline
-# children: sending 1 MiB while the next request is read doubles sequential speed.
-INLINE_MAX = 256 * 1024
 # When the server stops, a connection closes once no request came for this long.
 DRAIN_IDLE_SECONDS = 0.5
 # How long in-flight requests may take to finish once the connection must close.
@@ -122,6 +116,14 @@ class MemoryBudget:
         self._free = limit
         self._lot = trio.lowlevel.ParkingLot()
 
+    def try_acquire(self, amount: int) -> int | None:
+        """The charge taken (capped at the limit), or None if it does not fit now."""
+        amount = min(amount, self.limit)
+        if self._free < amount:
+            return None
+        self._free -= amount
+        return amount
+
     async def acquire(self, amount: int) -> int:
         amount = min(amount, self.limit)
         while self._free < amount:
@@ -133,6 +135,55 @@ class MemoryBudget:
         self._free += amount
         if self._lot:
             self._lot.unpark_all()
+
+
+class ReplyOutput:
+    """The one owner of a connection's outgoing replies: queued as requests finish,
+    sent in batches (one sendmsg per batch, not one send per reply: two sends per
+    reply halve the IOPS), in one order. A request's memory charge and in-flight
+    slot are given back once its reply has left, so a client that never reads
+    replies cannot make the server hold more than the budget."""
+
+    def __init__(self, transport: Transport, memory: MemoryBudget,
+                 in_flight: trio.Semaphore) -> None:
+        self._transport = transport
+        self._memory = memory
+        self._in_flight = in_flight
+        self._queued: list[bytes | bytearray] = []
+        self._charges = 0  # memory held by the queued replies
+        self._slots = 0  # in-flight slots held by them
+        self.queued_bytes = 0
+        self._lock = trio.Lock()
+
+    def queue(self, reply: bytes | bytearray, charge: int = 0, slot: bool = False) -> None:
+        self._queued.append(reply)
+        self.queued_bytes += len(reply)
+        self._charges += charge
+        self._slots += slot
+
+    @property
+    def full(self) -> bool:
+        return self.queued_bytes >= REPLY_BATCH_BYTES
+
+    async def send(self) -> None:
+        """Send everything queued, in one call where the kernel takes it."""
+        if not self._queued:
+            return
+        batch, charges, slots = self._queued, self._charges, self._slots
+        self._queued, self._charges, self._slots, self.queued_bytes = [], 0, 0, 0
+        try:
+            if not self._lock.locked():
+                self._lock.acquire_nowait()  # acquire() would yield every time
+            else:
+                await self._lock.acquire()
+            try:
+                await self._transport.send_all(batch)
+            finally:
+                self._lock.release()
+        finally:
+            self._memory.release(charges)
+            for _ in range(slots):
+                self._in_flight.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +247,6 @@ class Connection:
         self.number = number
         self._stream: trio.abc.Stream = stream
         self._transport = Transport.over_socket(stream.socket)
-        self._send_lock = trio.Lock()
-        self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
-        self._memory = MemoryBudget(MEMORY_BUDGET)
-        self._session: Negotiated | None = None
-        self._queued: list[bytes | bytearray] = []  # replies ready to go in one send
-        self._queued_bytes = 0
-        self._replies_waiting = trio.Event()  # wakes the writer for task replies
-        self._waiting: trio.CancelScope | None = None  # the wait for the next request
 
     def _log(self, level: int, event: str, message: str, **fields: object) -> None:
         log_event(level, event, message, connection=self.number, **fields)
@@ -211,14 +254,14 @@ class Connection:
     async def run(self) -> None:
         self._log(logging.DEBUG, "connected", "client connected")
         try:
-            session = None
+            negotiated = None
             with trio.move_on_after(HANDSHAKE_TIMEOUT_SECONDS):
-                session = await self._negotiate()
-            if session is None:
+                negotiated = await self._negotiate()
+            if negotiated is None:
                 self._log(logging.DEBUG, "no-session", "negotiation ended without an export")
             else:
-                self._session = session
-                await self._transmit(session)
+                session, trailing = negotiated
+                await Transmission(self, ServerTransmission(session, trailing)).run()
         # Nurseries wrap errors in groups, hence except*. Whatever goes wrong ends
         # this connection only, never the server or another client.
         except* (RemoteProtocolError, ConnectionLost) as group:
@@ -233,7 +276,8 @@ class Connection:
 
     # --- Negotiation ------------------------------------------------------------------
 
-    async def _negotiate(self) -> Negotiated | None:
+    async def _negotiate(self) -> tuple[Negotiated, bytes] | None:
+        """The session, and the bytes that came after the handshake (first requests)."""
         tls = self.server.tls
         machine = ServerNegotiation(tls=tls.mode if tls else TlsMode.OFF)
         while True:
@@ -256,10 +300,9 @@ class Connection:
             else:
                 await self._flush_negotiation(machine)
                 if machine.state is State.TRANSMISSION:
-                    self._transport.unread(machine.trailing_data)
-                    return machine.negotiated
+                    assert machine.negotiated is not None
+                    return machine.negotiated, machine.trailing_data
                 return None  # closed: aborted, or an export name we cannot serve
-
     async def _start_tls(self) -> None:
         """Wrap the connection in TLS; from here on, every byte goes through it."""
         assert self.server.tls is not None
@@ -305,223 +348,216 @@ class Connection:
                 OptionReplyType.ERR_UNKNOWN,
                 f"no export named {name!r}; this server exports {export.name!r}",
             )
-        if self.device.stopped_by is not None:
-            return OptionRefused(
-                OptionReplyType.ERR_POLICY,
-                f"export stopped after a verification failure: {self.device.stopped_by.summary()}",
-            )
+        stopped = self.device.policy.refusal()
+        if stopped is not None:
+            return OptionRefused(OptionReplyType.ERR_POLICY, stopped)
         if self.server.stopping.is_set():
             return OptionRefused(OptionReplyType.ERR_SHUTDOWN, "server is shutting down")
         return None
 
-    # --- Transmission -----------------------------------------------------------------
 
-    async def _transmit(self, session: Negotiated) -> None:
-        async with trio.open_nursery() as handlers:
-            watching = trio.CancelScope()
-            handlers.start_soon(self._stop_reading_when_told, watching)
-            writing = trio.CancelScope()
-            handlers.start_soon(self._write_replies, writing)
-            try:
-                await self._receive_requests(session, handlers)
-            finally:
-                watching.cancel()
-                writing.cancel()
-                handlers.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
-                with trio.CancelScope(shield=True) as last_replies:
-                    last_replies.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
-                    with contextlib.suppress(trio.BrokenResourceError,
-                                             trio.ClosedResourceError, OSError):
-                        await self._send_replies()
+class Transmission:
+    """One connection's transmission phase: requests from the machine to the device,
+    replies back, with no task per request.
+
+    Every request starts on the device the moment it is parsed. Then the device's
+    answer decides where it finishes (`_dispatch`, the one place that decides):
+    - `ready` (page-cached files): right here, in the receiving task;
+    - otherwise, READ and WRITE on an NBD child: in order, in one completer task
+      per connection (their replies come back in about that order anyway);
+    - `waits_long` (fsync, or waiting for an earlier overlapping request): a task
+      of its own, so that it holds up nothing behind it.
+    """
+
+    def __init__(self, connection: Connection, machine: ServerTransmission) -> None:
+        self.connection = connection
+        self.server = connection.server
+        self.device = connection.device
+        self.machine = machine
+        self.origin_connection = connection.number
+        self._transport = connection._transport
+        self._memory = MemoryBudget(MEMORY_BUDGET)
+        self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        self.output = ReplyOutput(self._transport, self._memory, self._in_flight)
+        self._in_order: deque[tuple[Request, Operation[Any], int]] = deque()
+        self._more_in_order = trio.Event()
+        self._waiting: trio.CancelScope | None = None  # the wait for the next request
+        self._tasks: trio.Nursery | None = None
+        self._closing = False  # no more requests will come: finish and end
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as tasks:
+                self._tasks = tasks
+                watching = trio.CancelScope()
+                tasks.start_soon(self._stop_reading_when_told, watching)
+                tasks.start_soon(self._complete_in_order)
+                try:
+                    await self._receive_requests()
+                finally:
+                    # Requests in flight finish (bounded), then the connection closes.
+                    watching.cancel()
+                    self._closing = True
+                    self._more_in_order.set()
+                    tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+        finally:
+            self._abandon_in_order()
+            with trio.CancelScope(shield=True) as last:
+                last.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                         OSError):
+                    await self.output.send()
 
     async def _stop_reading_when_told(self, watching: trio.CancelScope) -> None:
         """Wake the wait for the next request when the export stops (mismatch) or
-        the server is stopping; `_next_header` then decides what comes next. A reply
-        being sent is never cancelled."""
+        the server is stopping; `_receive_requests` then decides what comes next. A
+        reply being sent is never cancelled."""
         with watching:
             async with trio.open_nursery() as race:
-                for event in (self.device.stopped, self.server.stopping):
+                for event in (self.device.policy.stopped, self.server.stopping):
                     race.start_soon(_wait_then_cancel, event, race.cancel_scope)
             if self._waiting is not None:
                 self._waiting.cancel()
 
-    async def _next_header(self) -> bytes | None:
-        """The next request header; None at end of stream or when reading must stop.
+    async def _receive(self) -> bool:
+        """Receive more request bytes; False when reading must stop.
 
         After a mismatch stopped the export nothing more is served. When the server
         is stopping, requests the client has already sent are still served (they
         are in flight from its side), and the connection closes once it goes quiet.
         """
-        size = REQUEST_HEADER.size
-        while not self.device.stopped.is_set():
-            if self._transport.buffered >= size:
-                return await self._transport.receive_header(size)
-            # About to wait for the client: first send every reply that is ready.
-            await self._send_replies()
-            if self.server.stopping.is_set():
-                with trio.move_on_after(DRAIN_IDLE_SECONDS):
-                    return await self._transport.receive_header(size)
-                return None
-            try:
-                with trio.CancelScope() as self._waiting:
-                    return await self._transport.receive_header(size)
-            finally:
-                self._waiting = None
-        return None
-
-    async def _receive_requests(self, session: Negotiated, handlers: trio.Nursery) -> None:
-        inline = self.device.runs_inline
-        while True:
-            header = await self._next_header()
-            if header is None:
-                return
-            request = parse_request(header)
-            command = request.command
-            if command == Command.DISC:
-                return
-            error = request_error(request, session)
-            if error:
-                if command == Command.WRITE:
-                    await self._transport.discard(request.length)
-                self._queue_reply(error_reply(request.cookie, error, session.structured_replies,
-                                              f"request refused: {error.name}"))
-                continue
-            charge = 2 * request.length if command == Command.READ else 0
-            if command == Command.WRITE:
-                charge = request.length
-            charge = await self._memory.acquire(charge)
-            payload: bytearray | None = None
-            try:
-                if command == Command.WRITE:
-                    payload = bytearray(request.length)
-                    await self._transport.receive_into(memoryview(payload))
-                if inline and self._serves_inline(request):
-                    # Children that never wait (page-cached files) are served right
-                    # here: a task per small request would cost more than the request.
-                    self._queue_reply(await self._answer(request, payload, session))
-                    self._memory.release(charge)
-                    if self._queued_bytes >= REPLY_BATCH_BYTES:
-                        await self._send_replies()
-                    continue
-            except BaseException:
-                self._memory.release(charge)
-                raise
-            try:
-                self._in_flight.acquire_nowait()  # acquire() would yield every time
-            except trio.WouldBlock:
-                await self._in_flight.acquire()
-            handlers.start_soon(self._serve, request, payload, charge)
-
-    @staticmethod
-    def _serves_inline(request: Request) -> bool:
-        """Small requests that cannot wait: no FUA or FLUSH (fsync), and no big
-        payload, whose send is better overlapped with the next request's reads."""
-        if request.fua or request.command == Command.FLUSH:
+        if self.device.policy.stopped.is_set():
             return False
-        big = request.length > INLINE_MAX
-        return not (big and request.command in (Command.READ, Command.WRITE))
-
-    def _queue_reply(self, reply: bytes | bytearray) -> None:
-        self._queued.append(reply)
-        self._queued_bytes += len(reply)
-
-    async def _write_replies(self, writing: trio.CancelScope) -> None:
-        """Send what request tasks queued: when many finish in one scheduler tick,
-        their replies leave in one write."""
-        with writing:
-            while True:
-                await self._replies_waiting.wait()
-                self._replies_waiting = trio.Event()
-                await self._send_replies()
-
-    async def _send_replies(self) -> None:
-        """Send the queued replies in one write: one send per batch, not per reply."""
-        if not self._queued:
-            return
-        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
-        self._queued = []
-        self._queued_bytes = 0
-        await self._send(data)
-
-    async def _send(self, data: bytes | bytearray) -> None:
-        async with self._send_lock:
-            await self._transport.send(data)
-
-    async def _serve(self, request: Request, payload: bytearray | None, charge: int) -> None:
-        """A request that may wait (FUA, FLUSH, children that are not inline), in its
-        own task so the requests behind it keep flowing."""
-        session = self._session
-        assert session is not None
+        await self.output.send()  # about to wait for the client: send what is ready
+        machine = self.machine
+        if self.server.stopping.is_set():
+            with trio.move_on_after(DRAIN_IDLE_SECONDS):
+                machine.received(await self._transport.receive_into(machine.receive_buffer()))
+                return True
+            return False
         try:
-            self._queue_reply(await self._answer(request, payload, session))
-            if self._queued_bytes >= REPLY_BATCH_BYTES:
-                await self._send_replies()  # big replies: send now, and hold memory until sent
-            else:
-                self._replies_waiting.set()
+            with trio.CancelScope() as self._waiting:
+                machine.received(await self._transport.receive_into(machine.receive_buffer()))
+                return True
         finally:
-            self._memory.release(charge)
-            self._in_flight.release()
+            self._waiting = None
+        return False
 
-    async def _answer(self, request: Request, payload: bytearray | None,
-                      session: Negotiated) -> bytes | bytearray:
-        """The reply to a valid request, success or error."""
-        try:
-            return await self._perform(request, payload, session)
-        except DeviceError as error:
-            return error_reply(request.cookie, error.error, session.structured_replies,
-                               str(error))
-        except VerificationFailed as failure:
-            finding = failure.finding
-            return error_reply(request.cookie, Errno.EIO, session.structured_replies,
-                               finding.client_message(), finding.error_offset)
+    async def _receive_requests(self) -> None:
+        machine = self.machine
+        while True:
+            event = machine.next_event()
+            if event is NEED_DATA:
+                if not await self._receive():
+                    return
+            elif isinstance(event, Request):
+                if self.device.policy.stopped.is_set():
+                    return
+                await self._dispatch(event)
+            elif isinstance(event, RequestAnswered):
+                self.output.queue(event.reply)
+            else:
+                assert isinstance(event, Disconnect | EndOfStream)
+                return
 
-    async def _perform(self, request: Request, payload: bytearray | None,
-                       session: Negotiated) -> bytes | bytearray:
-        """Run one valid request on the device; the successful reply."""
+    async def _dispatch(self, request: Request) -> None:
+        """Start a request on the device, and choose where it finishes."""
+        charge = await self._reserve(request)
+        operation = self._start(request)
+        if operation.ready:
+            reply = await self._finish(request, operation)  # does not wait: ready
+            self.output.queue(reply, charge, slot=True)
+            if self.output.full:
+                await self.output.send()
+        elif operation.waits_long:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._complete, request, operation, charge)
+        else:
+            self._in_order.append((request, operation, charge))
+            self._more_in_order.set()
+
+    async def _reserve(self, request: Request) -> int:
+        """Take an in-flight slot and the memory the request's buffers need (a READ
+        holds two: one per child), waiting if the client is ahead of its replies."""
         command = request.command
-        cookie = request.cookie
-        origin = Origin(self.number, cookie)
-        if command == Command.READ and request.length == 0:
-            return none_chunk(cookie) if session.structured_replies else simple_reply(cookie)
+        wanted = (2 * request.length if command == Command.READ
+                  else request.length if command == Command.WRITE else 0)
+        try:
+            self._in_flight.acquire_nowait()  # acquire() would yield every time
+        except trio.WouldBlock:
+            await self.output.send()  # our own queued replies hold slots: free them first
+            await self._in_flight.acquire()
+        charge = self._memory.try_acquire(wanted)
+        if charge is None:
+            await self.output.send()
+            charge = await self._memory.acquire(wanted)
+        return charge
+
+    def _start(self, request: Request) -> Operation[Any]:
+        device = self.device
+        command = request.command
+        origin = Origin(self.origin_connection, request.cookie)
         if command == Command.READ:
-            headroom = read_reply_header_size(session.structured_replies)
-            data = await self.device.read(request.offset, request.length, headroom)
-            pack_read_reply_header(data, cookie, request.offset, request.length,
-                                   session.structured_replies)
-            return data
+            return device.read(request.offset, request.length, self.machine.read_headroom)
         if command == Command.WRITE:
-            assert payload is not None
-            await self.device.write(request.offset, payload, request.fua, origin)
-        elif command == Command.WRITE_ZEROES:
-            await self.device.write_zeroes(
-                request.offset,
-                request.length,
+            assert request.payload is not None
+            return device.write(request.offset, request.payload, request.fua, origin)
+        if command == Command.WRITE_ZEROES:
+            return device.write_zeroes(
+                request.offset, request.length,
                 may_trim=not request.flags & CommandFlag.NO_HOLE,
                 fast=bool(request.flags & CommandFlag.FAST_ZERO),
-                fua=request.fua,
-                origin=origin,
-            )
-        elif command == Command.TRIM:
-            await self.device.trim(request.offset, request.length, request.fua, origin)
-        elif command == Command.FLUSH:
-            await self.device.flush(origin)
-        elif command == Command.CACHE:
-            await self.device.cache(request.offset, request.length)
-        elif command == Command.BLOCK_STATUS:
-            return await self._block_status(request, session)
-        return simple_reply(cookie)
+                fua=request.fua, origin=origin)
+        if command == Command.TRIM:
+            return device.trim(request.offset, request.length, request.fua, origin)
+        if command == Command.FLUSH:
+            return device.flush(origin)
+        if command == Command.CACHE:
+            return device.cache(request.offset, request.length)
+        assert command == Command.BLOCK_STATUS
+        return device.block_status(request.offset, self.machine.block_status_length(request))
 
-    async def _block_status(self, request: Request, session: Negotiated) -> bytes:
-        length = min(request.length, MAX_EXTENT_LENGTH)
-        extents = await self.device.block_status(request.offset, length)
-        if request.flags & CommandFlag.REQ_ONE:
-            extents = extents[:1]
-        descriptors = [(extent.length, int(extent.state)) for extent in extents]
-        if not descriptors:
-            # Nothing known (an empty range): say "allocated", always safe.
-            descriptors = [(max(length, 1), 0)]
-        context_id = session.meta_contexts[0][0]
-        return block_status_chunk(request.cookie, context_id, descriptors)
+    async def _finish(self, request: Request, operation: Operation[Any]) -> bytes | bytearray:
+        """The reply to a started request, success or error."""
+        machine = self.machine
+        try:
+            result = await operation
+        except DeviceError as error:
+            return machine.error_reply(request, error.error, str(error))
+        except VerificationFailed as failure:
+            finding = failure.finding
+            return machine.error_reply(request, Errno.EIO, finding.client_message(),
+                                       finding.error_offset)
+        command = request.command
+        if command == Command.READ:
+            return machine.read_reply(request, result)
+        if command == Command.BLOCK_STATUS:
+            return machine.block_status_reply(
+                request, [(extent.length, int(extent.state)) for extent in result])
+        return machine.done_reply(request)
+
+    async def _complete(self, request: Request, operation: Operation[Any], charge: int) -> None:
+        """Finish a request that was not ready when it started, and queue its reply;
+        send when nothing else is about to be ready to go with it."""
+        reply = await self._finish(request, operation)
+        output = self.output
+        output.queue(reply, charge, slot=True)
+        if output.full or not (self._in_order and self._in_order[0][1].ready):
+            await output.send()
+
+    async def _complete_in_order(self) -> None:
+        while True:
+            while self._in_order:
+                await self._complete(*self._in_order.popleft())
+            if self._closing:
+                return
+            await self._more_in_order.wait()
+            self._more_in_order = trio.Event()
+
+    def _abandon_in_order(self) -> None:
+        while self._in_order:
+            _, operation, _ = self._in_order.popleft()
+            operation.abandon()
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1,22 +1,24 @@
-"""Exact-size reads and whole writes on a connection.
+"""Bytes on a connection, for the sans-IO machines: receive into the buffer they
+name, send many buffers at once.
 
-The request loop needs "exactly 28 bytes", "exactly N bytes of payload, straight
-into this buffer" and "skip N bytes"; trio's streams offer `receive_some`. On a
-plain socket, reading with `recv_into` saves a copy per receive; inside TLS the
-same calls go through trio's SSLStream.
+On a plain socket, `recv_into` lets a machine receive straight into a payload's
+buffer, and `sendmsg` sends a batch of replies (or child requests) as they are,
+without joining them into one copy first. Inside TLS the same calls go through
+trio's SSLStream, with copies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 ReceiveInto = Callable[[memoryview], Awaitable[int]]
-SendSome = Callable[[memoryview], Awaitable[int]]
+SendBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], Awaitable[int]]
 
-RECEIVE_SIZE = 256 * 1024
-DISCARD_CHUNK = 1024 * 1024
+NEGOTIATION_RECEIVE = 64 * 1024
+# Linux takes at most this many buffers in one sendmsg (IOV_MAX).
+MAX_BUFFERS = 1024
 
 
 class ConnectionLost(Exception):
@@ -24,16 +26,13 @@ class ConnectionLost(Exception):
 
 
 class Transport:
-    def __init__(self, receive_into: ReceiveInto, send_some: SendSome) -> None:
-        self._receive_into = receive_into
-        self._send_some = send_some
-        self._buffer = bytearray(RECEIVE_SIZE)
-        self._start = 0  # unread bytes are self._buffer[self._start:self._end]
-        self._end = 0
+    def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers) -> None:
+        self.receive_into = receive_into
+        self._send_buffers = send_buffers
 
     @classmethod
     def over_socket(cls, sock: trio.socket.SocketType) -> Transport:
-        return cls(sock.recv_into, sock.send)
+        return cls(sock.recv_into, sock.sendmsg)
 
     @classmethod
     def over_stream(cls, stream: trio.abc.Stream) -> Transport:
@@ -42,84 +41,30 @@ class Transport:
             view[: len(data)] = data
             return len(data)
 
-        async def send_some(view: memoryview) -> int:
-            await stream.send_all(view)
-            return len(view)
+        async def send_buffers(buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+            data = b"".join(buffers)
+            await stream.send_all(data)
+            return len(data)
 
-        return cls(receive_into, send_some)
-
-    @property
-    def buffered(self) -> int:
-        return self._end - self._start
-
-    def unread(self, data: bytes) -> None:
-        """Put back bytes that were received but belong to the next stage."""
-        if not data:
-            return
-        pending = bytes(data) + bytes(self._buffer[self._start:self._end])
-        if len(pending) > len(self._buffer):
-            self._buffer = bytearray(len(pending))
-        self._buffer[: len(pending)] = pending
-        self._start, self._end = 0, len(pending)
-
-    async def _fill(self) -> int:
-        """Receive more into the buffer; 0 at end of stream."""
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end == len(self._buffer):
-            remaining = self._buffer[self._start:self._end]
-            self._buffer[: len(remaining)] = remaining
-            self._start, self._end = 0, len(remaining)
-        count: int = await self._receive_into(memoryview(self._buffer)[self._end:])
-        self._end += count
-        return count
+        return cls(receive_into, send_buffers)
 
     async def receive_some(self) -> bytes:
-        """Whatever is available (at least one byte), or b"" at end of stream."""
-        if self._start == self._end and await self._fill() == 0:
-            return b""
-        data = bytes(self._buffer[self._start:self._end])
-        self._start = self._end
-        return data
-
-    async def receive_header(self, size: int) -> bytes | None:
-        """Exactly `size` bytes, or None if the stream ended cleanly before any."""
-        while self._end - self._start < size:
-            if await self._fill() == 0:
-                if self._start == self._end:
-                    return None
-                raise ConnectionLost(f"connection closed inside a {size}-byte header")
-        data = bytes(self._buffer[self._start:self._start + size])
-        self._start += size
-        return data
-
-    async def receive_into(self, target: memoryview) -> None:
-        """Fill `target` exactly: buffered bytes first, then straight from the socket."""
-        have = min(self._end - self._start, len(target))
-        target[:have] = self._buffer[self._start:self._start + have]
-        self._start += have
-        while have < len(target):
-            count: int = await self._receive_into(target[have:])
-            if count == 0:
-                raise ConnectionLost("connection closed inside a payload")
-            have += count
-
-    async def discard(self, count: int) -> None:
-        """Skip a payload we refuse, without ever holding more than a chunk of it."""
-        have = min(self._end - self._start, count)
-        self._start += have
-        count -= have
-        if not count:
-            return
-        scratch = memoryview(bytearray(min(count, DISCARD_CHUNK)))
-        while count:
-            received: int = await self._receive_into(scratch[: min(count, len(scratch))])
-            if received == 0:
-                raise ConnectionLost("connection closed inside a discarded payload")
-            count -= received
+        """Whatever is available, or b"" at end of stream (negotiation)."""
+        buffer = bytearray(NEGOTIATION_RECEIVE)
+        count = await self.receive_into(memoryview(buffer))
+        return bytes(buffer[:count])
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            sent = await self._send_some(view)
-            view = view[sent:]
+        await self.send_all([data])
+
+    async def send_all(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send every byte of every buffer, in order, in as few calls as the kernel takes."""
+        pending = [memoryview(buffer) for buffer in buffers if len(buffer)]
+        first = 0  # pending[first:] is still to send
+        while first < len(pending):
+            sent = await self._send_buffers(pending[first:first + MAX_BUFFERS])
+            while sent and sent >= len(pending[first]):
+                sent -= len(pending[first])
+                first += 1
+            if sent:
+                pending[first] = pending[first][sent:]

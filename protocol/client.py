@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from construct import ConstructError
 
 from . import wire
-from .buffers import ByteConversation
+from .buffers import ByteConversation, PayloadStream
 from .constants import (
+    ERROR_CHUNK_BIT,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ChunkType,
     ClientFlag,
+    Errno,
     HandshakeFlag,
     InfoType,
     Option,
@@ -28,8 +29,19 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .errors import RemoteProtocolError
+from .errors import ProtocolError, RemoteProtocolError
 from .events import NEED_DATA, BlockSize, NeedData
+from .transmission import (
+    BLOCK_DESCRIPTOR,
+    CHUNK_HEADER,
+    CONTEXT_ID,
+    ERROR_CHUNK_PREFIX,
+    MAGIC,
+    OFFSET,
+    OFFSET_DATA_HEADER,
+    OFFSET_HOLE,
+    SIMPLE_REPLY_HEADER,
+)
 
 GREETING_SIZE = wire.ServerGreeting.sizeof()
 OPTION_REPLY_HEADER_SIZE = wire.OptionReplyHeader.sizeof()
@@ -37,7 +49,7 @@ OPTION_REPLY_HEADER_SIZE = wire.OptionReplyHeader.sizeof()
 MAX_OPTION_REPLY = 64 * 1024
 
 
-class NegotiationRefused(Exception):
+class NegotiationRefused(ProtocolError):
     """The server answered an option we cannot do without with an error."""
 
     def __init__(self, option: Option, reply_type: int, message: str) -> None:
@@ -193,20 +205,6 @@ class ClientNegotiation(ByteConversation):
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyData:
-    cookie: int
-    offset: int  # absolute device offset of `data`
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyHole:
-    cookie: int
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
 class ReplyExtents:
     cookie: int
     context_id: int
@@ -215,106 +213,211 @@ class ReplyExtents:
 
 @dataclass(frozen=True, slots=True)
 class ReplyDone:
-    """The last event for a cookie: error 0 on success."""
+    """The last event for a cookie: error 0 on success. A READ's data is already
+    in the buffer given to `expect`."""
 
     cookie: int
     error: int = 0
     message: str = ""
 
 
-ReplyEvent = ReplyData | ReplyHole | ReplyExtents | ReplyDone
+ReplyEvent = ReplyExtents | ReplyDone
 
-SIMPLE_REST = struct.Struct(">IQ")
-MAX_CHUNK = 64 * 1024 * 1024 + 64
-CHUNK_REST = struct.Struct(">HHQI")
+# No server sends a chunk bigger than its biggest READ reply plus its header.
+MAX_CHUNK = 64 * 1024 * 1024 + OFFSET.size
+# Metadata chunks (errors, block status) are buffered whole; bigger is hostile.
+MAX_METADATA_CHUNK = 16 * 1024 * 1024
 
 
-class ReplyReader:
-    """Turns the server's reply stream into events. A simple reply to READ does not
-    say how long its data is, so reads are announced with `expect_read`."""
+@dataclass(slots=True)
+class _Expected:
+    """A request in flight, as the reply parser needs it."""
 
-    def __init__(self) -> None:
-        self._received = bytearray()
-        self._events: deque[ReplyEvent] = deque()
-        self._reads: dict[int, tuple[int, int]] = {}  # cookie -> (offset, length)
-        self._errors: dict[int, ReplyDone] = {}  # first error chunk of each cookie
+    offset: int
+    length: int
+    is_read: bool
+    target: memoryview | None  # a READ's buffer; None once abandoned
+    error: ReplyDone | None = None  # the first error chunk
 
-    def expect_read(self, cookie: int, offset: int, length: int) -> None:
-        self._reads[cookie] = (offset, length)
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._received += data
+class _Reading(enum.Enum):
+    HEADER = "header"
+    DATA = "data"  # a READ's data, into its buffer
+    CHUNK = "chunk"  # a whole metadata chunk, buffered
+
+
+class ReplyReader(PayloadStream):
+    """The client's side of the transmission phase: the server's reply stream in,
+    events out. Every request is announced with `expect` first (a simple reply to
+    READ does not say how long its data is); data lands in the caller's buffer.
+    Anything the spec does not allow raises RemoteProtocolError."""
+
+    def __init__(self, structured: bool, initial: bytes | bytearray = b"") -> None:
+        super().__init__(initial)
+        self.structured = structured
+        self._expected: dict[int, _Expected] = {}
+        self._state = _Reading.HEADER
+        self._current: tuple[int, int, int, int] = (0, 0, 0, 0)  # flags, type, cookie, length
+        # What to hand out once the payload being received is in (or right away).
+        self._then: ReplyDone | None = None
+
+    def expect(self, cookie: int, offset: int, length: int,
+               target: memoryview | None = None) -> None:
+        """A request is going out; a READ gives the buffer for its `length` bytes."""
+        self._expected[cookie] = _Expected(offset, length, target is not None, target)
+
+    def abandon(self, cookie: int) -> None:
+        """The caller gave up waiting: the reply is still parsed, its data dropped."""
+        expected = self._expected.get(cookie)
+        if expected is not None:
+            expected.target = None
 
     def next_event(self) -> ReplyEvent | NeedData:
-        while not self._events:
-            if not self._parse_one():
-                return NEED_DATA
-        return self._events.popleft()
+        while True:
+            state = self._state
+            event: ReplyEvent | NeedData | None
+            if state is _Reading.HEADER:
+                event, self._then = self._then, None
+                if event is None:
+                    event = self._header()
+            elif state is _Reading.DATA:
+                if not self._sink_full():
+                    event = NEED_DATA
+                else:
+                    self._state = _Reading.HEADER
+                    continue
+            else:
+                event = self._metadata_chunk()
+            if event is None:
+                continue
+            if event is NEED_DATA and self._ended:
+                if state is _Reading.HEADER and not self._input.buffered:
+                    raise RemoteProtocolError("server closed the connection")
+                raise RemoteProtocolError(
+                    f"server closed the connection inside a reply ({state.value})")
+            return event
 
-    def _parse_one(self) -> bool:
-        """Parse one whole reply or chunk into events; False if it is not all here."""
-        if len(self._received) < 4:
-            return False
-        magic = struct.unpack_from(">I", self._received)[0]
+    def _take_expected(self, cookie: int) -> _Expected:
+        expected = self._expected.get(cookie)
+        if expected is None:
+            raise RemoteProtocolError(f"reply for cookie {cookie}, which is not in flight")
+        return expected
+
+    def _header(self) -> ReplyEvent | NeedData | None:
+        source = self._input
+        if source.buffered < 4:
+            return NEED_DATA
+        magic = MAGIC.unpack_from(source.data, source.start)[0]
         if magic == SIMPLE_REPLY_MAGIC:
-            return self._simple_reply()
-        if magic == STRUCTURED_REPLY_MAGIC:
-            return self._chunk()
-        raise RemoteProtocolError(f"bad reply magic 0x{magic:08x}")
-
-    def _simple_reply(self) -> bool:
-        if len(self._received) < 16:
-            return False
-        error, cookie = SIMPLE_REST.unpack_from(self._received, 4)
-        offset, length = self._reads.get(cookie, (0, 0))
-        if error:
-            length = 0
-        if len(self._received) < 16 + length:
-            return False
-        if length:
-            self._events.append(ReplyData(cookie, offset, bytes(self._received[16:16 + length])))
-        del self._received[:16 + length]
-        self._reads.pop(cookie, None)
-        self._events.append(ReplyDone(cookie, error))
-        return True
-
-    def _chunk(self) -> bool:
-        if len(self._received) < 20:
-            return False
-        flags, chunk_type, cookie, length = CHUNK_REST.unpack_from(self._received, 4)
-        if length > MAX_CHUNK:
+            if source.buffered < SIMPLE_REPLY_HEADER.size:
+                return NEED_DATA
+            _, error, cookie = SIMPLE_REPLY_HEADER.unpack_from(source.data, source.start)
+            source.consume(SIMPLE_REPLY_HEADER.size)
+            expected = self._take_expected(cookie)
+            if self.structured and expected.is_read:
+                raise RemoteProtocolError("simple reply to READ after structured replies "
+                                          "were negotiated")
+            del self._expected[cookie]
+            done = ReplyDone(cookie, error)
+            if not expected.is_read or error:
+                return done
+            self._state, self._then = _Reading.DATA, done
+            self._sink(expected.target, expected.length)
+            return None
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise RemoteProtocolError(f"bad reply magic 0x{magic:08x}")
+        if not self.structured:
+            raise RemoteProtocolError("structured reply that was not negotiated")
+        if source.buffered < CHUNK_HEADER.size:
+            return NEED_DATA
+        _, flags, chunk_type, cookie, length = CHUNK_HEADER.unpack_from(source.data,
+                                                                        source.start)
+        if chunk_type == ChunkType.OFFSET_DATA:
+            return self._data_chunk(flags, cookie, length)
+        if length > MAX_METADATA_CHUNK:
             raise RemoteProtocolError(f"reply chunk of {length} bytes")
-        if len(self._received) < 20 + length:
-            return False
-        body = bytes(self._received[20:20 + length])
-        del self._received[:20 + length]
-        self._chunk_event(chunk_type, cookie, body)
-        if flags & ReplyFlag.DONE:
-            self._reads.pop(cookie, None)
-            self._events.append(self._errors.pop(cookie, ReplyDone(cookie)))
-        return True
+        source.consume(CHUNK_HEADER.size)
+        self._take_expected(cookie)
+        self._current = (flags, chunk_type, cookie, length)
+        self._state = _Reading.CHUNK
+        source.ensure(length)
+        return None
 
-    def _chunk_event(self, chunk_type: int, cookie: int, body: bytes) -> None:
+    def _data_chunk(self, flags: int, cookie: int, length: int) -> NeedData | None:
+        """OFFSET_DATA: once its offset is here, the data goes straight to the buffer."""
+        source = self._input
+        if length <= OFFSET.size or length > MAX_CHUNK:
+            raise RemoteProtocolError(f"OFFSET_DATA chunk of {length} bytes")
+        if source.buffered < OFFSET_DATA_HEADER.size:
+            return NEED_DATA
+        offset = OFFSET.unpack_from(source.data, source.start + CHUNK_HEADER.size)[0]
+        source.consume(OFFSET_DATA_HEADER.size)
+        expected = self._take_expected(cookie)
+        size = length - OFFSET.size
+        target = self._placement(expected, offset, size)
+        self._state = _Reading.DATA
+        self._then = self._finished(cookie) if flags & ReplyFlag.DONE else None
+        self._sink(target, size)
+        return None
+
+    def _placement(self, expected: _Expected, offset: int, size: int) -> memoryview | None:
+        """Where `size` bytes of reply data at device `offset` belong in the buffer."""
+        start = offset - expected.offset
+        if not expected.is_read or start < 0 or start + size > expected.length:
+            raise RemoteProtocolError(
+                f"read data at offset {offset} (+{size}) outside the request "
+                f"({expected.offset} +{expected.length})")
+        if expected.target is None:
+            return None
+        return expected.target[start:start + size]
+
+    def _finished(self, cookie: int) -> ReplyDone:
+        expected = self._expected.pop(cookie)
+        return expected.error or ReplyDone(cookie)
+
+    def _metadata_chunk(self) -> ReplyEvent | NeedData | None:
+        flags, chunk_type, cookie, length = self._current
+        source = self._input
+        if source.buffered < length:
+            return NEED_DATA
+        body = memoryview(source.data)[source.start:source.start + length]
+        source.consume(length)
+        self._state = _Reading.HEADER
+        expected = self._expected[cookie]
+        event: ReplyEvent | None = None
         try:
             if chunk_type == ChunkType.NONE:
-                return
-            if chunk_type == ChunkType.OFFSET_DATA:
-                if len(body) < 9:
-                    raise RemoteProtocolError("OFFSET_DATA chunk too short")
-                offset = struct.unpack_from(">Q", body)[0]
-                self._events.append(ReplyData(cookie, offset, body[8:]))
+                if length:
+                    raise RemoteProtocolError(f"NONE chunk with {length} bytes")
             elif chunk_type == ChunkType.OFFSET_HOLE:
-                offset, size = struct.unpack(">QI", body)
-                self._events.append(ReplyHole(cookie, offset, size))
+                offset, size = OFFSET_HOLE.unpack(body)
+                target = self._placement(expected, offset, size)
+                if target is not None:
+                    target[:] = bytes(size)
             elif chunk_type == ChunkType.BLOCK_STATUS:
-                context_id = struct.unpack_from(">I", body)[0]
-                extents = tuple(struct.iter_unpack(">II", body[4:]))
-                self._events.append(ReplyExtents(cookie, context_id, extents))
-            elif chunk_type & 0x8000:
-                error, message_length = struct.unpack_from(">IH", body)
-                message = body[6:6 + message_length].decode("utf-8", "replace")
-                self._errors.setdefault(cookie, ReplyDone(cookie, error or 5, message))
+                if length < CONTEXT_ID.size + BLOCK_DESCRIPTOR.size or (
+                        length - CONTEXT_ID.size) % BLOCK_DESCRIPTOR.size:
+                    raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
+                context_id = CONTEXT_ID.unpack_from(body)[0]
+                extents = tuple(BLOCK_DESCRIPTOR.iter_unpack(body[CONTEXT_ID.size:]))
+                event = ReplyExtents(cookie, context_id, extents)
+            elif chunk_type & ERROR_CHUNK_BIT:
+                error, message_length = ERROR_CHUNK_PREFIX.unpack_from(body)
+                end = ERROR_CHUNK_PREFIX.size + message_length
+                if end > length:
+                    raise RemoteProtocolError("error chunk message longer than the chunk")
+                message = bytes(body[ERROR_CHUNK_PREFIX.size:end]).decode("utf-8", "replace")
+                if expected.error is None:
+                    expected.error = ReplyDone(cookie, error or Errno.EIO, message)
             else:
                 raise RemoteProtocolError(f"unknown chunk type {chunk_type}")
         except struct.error as error:
             raise RemoteProtocolError(f"malformed chunk type {chunk_type}: {error}") from None
+        finally:
+            body.release()
+        if flags & ReplyFlag.DONE:
+            done = self._finished(cookie)
+            if event is None:
+                return done
+            self._then = done  # the extents first, then done
+        return event

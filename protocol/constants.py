@@ -110,6 +110,10 @@ class ReplyFlag(enum.IntFlag):
     DONE = 1 << 0
 
 
+# Chunk types with this bit set are errors, known or not.
+ERROR_CHUNK_BIT = 2**15
+
+
 class ChunkType(enum.IntEnum):
     NONE = 0
     OFFSET_DATA = 1

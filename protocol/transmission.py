@@ -1,4 +1,10 @@
-"""The per-request path: request headers in, replies out.
+"""The transmission phase, sans-IO: request bytes in, request events out, replies
+framed as the negotiated session requires.
+
+`ServerTransmission` is the one place that knows the transmission rules: which
+requests are refused before they reach the device (and that a refused WRITE's
+payload is drained), simple or structured framing, which context id a
+block-status reply carries, what a zero-length READ gets, what DISC means.
 
 construct is 25-120x slower than `struct` on a 28-byte header, so this path uses
 precompiled `struct.Struct` objects; tests/test_wire.py proves they produce and
@@ -7,10 +13,12 @@ accept the same bytes as the construct definitions in `wire`.
 
 from __future__ import annotations
 
+import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .buffers import PayloadStream
 from .constants import (
     ALLOWED_COMMAND_FLAGS,
     MAX_ERROR_MESSAGE,
@@ -24,7 +32,8 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .errors import RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import NEED_DATA, NeedData
 
 REQUEST_HEADER = struct.Struct(">IHHQQI")
 SIMPLE_REPLY_HEADER = struct.Struct(">IIQ")
@@ -35,6 +44,8 @@ ERROR_CHUNK_PREFIX = struct.Struct(">IH")
 BLOCK_DESCRIPTOR = struct.Struct(">II")
 CONTEXT_ID = struct.Struct(">I")
 OFFSET = struct.Struct(">Q")
+OFFSET_HOLE = struct.Struct(">QI")
+MAGIC = struct.Struct(">I")
 
 # The biggest WRITE payload or READ reply served. QEMU and the kernel send at most
 # 32 MiB; nbdkit and libnbd allow 64 MiB, and third-party suites send ~48 MiB.
@@ -48,13 +59,15 @@ MAX_EXTENT_LENGTH = 2**32 - 2**20
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One transmission request, as received (type and flags not yet validated)."""
+    """One transmission request. As an event of `ServerTransmission` it is valid
+    for the session, and a WRITE carries its payload."""
 
     flags: int
     command: int
     cookie: int
     offset: int
     length: int
+    payload: bytearray | None = None
 
     @property
     def end(self) -> int:
@@ -195,3 +208,162 @@ def block_status_chunk(cookie: int, context_id: int, extents: Iterable[tuple[int
         STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.BLOCK_STATUS, cookie, len(body)
     )
     return header + body
+
+
+# --- The server's transmission machine ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnswered:
+    """A request the protocol answers by itself: refused before reaching the device
+    (`error` says why; a WRITE's payload has been drained), or a zero-length READ.
+    Send `reply` in its turn."""
+
+    cookie: int
+    command: int
+    error: Errno
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: finish the requests in flight, then close. Nothing after it is read."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The client closed the connection between two requests."""
+
+
+TransmissionEvent = Request | RequestAnswered | Disconnect | EndOfStream
+
+
+class _Receiving(enum.Enum):
+    HEADER = "header"
+    PAYLOAD = "payload"  # a WRITE's payload, into its own buffer
+    DISCARD = "discard"  # a refused WRITE's payload, dropped
+    CLOSED = "closed"  # after DISC or end of stream
+
+
+class ServerTransmission(PayloadStream):
+    """The server's side of the transmission phase (h11's shape: bytes in, events
+    out, replies as bytes). The I/O layer loops on::
+
+        view = machine.receive_buffer(); count = recv_into(view); machine.received(count)
+
+    and takes events with `next_event()` until it returns NEED_DATA.
+    """
+
+    def __init__(self, session: Negotiated, initial: bytes | bytearray = b"") -> None:
+        super().__init__(initial)
+        self.session = session
+        self.structured = session.structured_replies
+        self._state = _Receiving.HEADER
+        self._pending: Request | None = None  # the WRITE whose payload is arriving
+        self._refused_with = Errno.OK
+        #: Bytes to leave in front of READ data for the reply header (see `read_reply`).
+        self.read_headroom = read_reply_header_size(self.structured)
+
+    @property
+    def closed(self) -> bool:
+        """DISC or end of stream was seen: nothing more is read."""
+        return self._state is _Receiving.CLOSED
+
+    def next_event(self) -> TransmissionEvent | NeedData:
+        """The next request (or what happened instead); NEED_DATA when more bytes
+        must arrive. Raises RemoteProtocolError when the stream breaks the spec."""
+        state = self._state
+        source = self._input
+        if state is _Receiving.HEADER:
+            if source.buffered >= REQUEST_HEADER.size:
+                magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(
+                    source.data, source.start)
+                source.consume(REQUEST_HEADER.size)
+                if magic != REQUEST_MAGIC:
+                    raise RemoteProtocolError(f"bad request magic 0x{magic:08x}")
+                return self._header(Request(flags, command, cookie, offset, length))
+        elif state is _Receiving.CLOSED:
+            return EndOfStream() if self._ended else NEED_DATA
+        elif self._sink_full():
+            request = self._pending
+            assert request is not None
+            self._state, self._pending = _Receiving.HEADER, None
+            if state is _Receiving.DISCARD:
+                return self._answer_error(request, self._refused_with)
+            return request
+        if self._ended:
+            if source.buffered or state is not _Receiving.HEADER:
+                raise RemoteProtocolError(
+                    f"connection closed inside a request (while reading its {state.value})")
+            self._state = _Receiving.CLOSED
+            return EndOfStream()
+        return NEED_DATA
+
+    def _header(self, request: Request) -> TransmissionEvent | NeedData:
+        """A request header arrived: refuse it, answer it, or wait for its payload."""
+        command = request.command
+        if command == Command.DISC:
+            self._state = _Receiving.CLOSED
+            return Disconnect()
+        error = request_error(request, self.session)
+        if command == Command.WRITE:
+            if error:
+                self._state, self._pending = _Receiving.DISCARD, request
+                self._refused_with = error
+                self._sink(None, request.length)
+            else:
+                payload = bytearray(request.length)
+                self._state = _Receiving.PAYLOAD
+                self._pending = Request(request.flags, command, request.cookie,
+                                        request.offset, request.length, payload)
+                self._sink(memoryview(payload), request.length)
+            return self.next_event()
+        if error:
+            return self._answer_error(request, error)
+        if command == Command.READ and not request.length:
+            reply = none_chunk(request.cookie) if self.structured else simple_reply(
+                request.cookie)
+            return RequestAnswered(request.cookie, command, Errno.OK, reply)
+        return request
+
+    def _answer_error(self, request: Request, error: Errno) -> RequestAnswered:
+        reply = self.error_reply(request, error, f"request refused: {error.name}")
+        return RequestAnswered(request.cookie, request.command, error, reply)
+
+    # --- Replies -----------------------------------------------------------------
+
+    def read_reply(self, request: Request, buffer: bytearray) -> bytearray:
+        """The reply to a READ whose data sits in buffer[read_headroom:]: the header
+        goes into the headroom, so data and header leave in one send, uncopied."""
+        if len(buffer) != self.read_headroom + request.length:
+            raise LocalProtocolError(
+                f"READ reply of {len(buffer) - self.read_headroom} bytes for a "
+                f"{request.length}-byte request")
+        pack_read_reply_header(buffer, request.cookie, request.offset, request.length,
+                               self.structured)
+        return buffer
+
+    def done_reply(self, request: Request) -> bytes:
+        """Success for any command but READ and BLOCK_STATUS."""
+        return simple_reply(request.cookie)
+
+    def error_reply(self, request: Request, error: Errno, message: str = "",
+                    offset: int | None = None) -> bytes:
+        """Failure for any command; `offset` names the failing byte (structured only)."""
+        return error_reply(request.cookie, error, self.structured, message, offset)
+
+    def block_status_length(self, request: Request) -> int:
+        """How much of a BLOCK_STATUS request to look up: one 32-bit descriptor's worth
+        at most (the client asks again for the rest)."""
+        return min(request.length, MAX_EXTENT_LENGTH)
+
+    def block_status_reply(self, request: Request,
+                           extents: Sequence[tuple[int, int]]) -> bytes:
+        """(length, flags) extents, as the negotiated context sees them: one with
+        REQ_ONE; an empty answer becomes "allocated", which is always safe."""
+        if request.flags & CommandFlag.REQ_ONE:
+            extents = extents[:1]
+        if not extents:
+            extents = [(max(self.block_status_length(request), 1), 0)]
+        context_id = self.session.meta_contexts[0][0]
+        return block_status_chunk(request.cookie, context_id, extents)

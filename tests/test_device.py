@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,17 +10,17 @@ import pytest
 import trio
 
 from nbdverify.changes import Change, ChangeKind, Origin
-from nbdverify.children import ChildError, Extent, FileChild
+from nbdverify.children import ChildError, Extent, Failed, FileChild, Pending
 from nbdverify.device import (
     DeviceError,
-    MismatchPolicy,
     SizeMismatch,
     VerificationFailed,
     VerifiedDevice,
     merge_extents,
 )
 from nbdverify.findings import Divergence, Finding, Mismatch, compare
-from nbdverify.ranges import RangeSet, RequestOrdering
+from nbdverify.policy import MismatchPolicy, OnMismatch
+from nbdverify.ranges import Hold, RangeSet, RequestOrdering
 from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 SIZE = 4 * 1024 * 1024
@@ -29,7 +28,7 @@ HOLE = AllocationState.HOLE | AllocationState.ZERO
 DATA = AllocationState.DATA
 
 
-def make_device(tmp_path: Path, policy: MismatchPolicy = MismatchPolicy.ERROR,
+def make_device(tmp_path: Path, policy: OnMismatch = OnMismatch.ERROR,
                 content: bytes | None = None) -> tuple[VerifiedDevice, list[Finding]]:
     data = os.urandom(SIZE) if content is None else content
     for name in ("raw.img", "test.img"):
@@ -37,7 +36,7 @@ def make_device(tmp_path: Path, policy: MismatchPolicy = MismatchPolicy.ERROR,
     found: list[Finding] = []
     device = VerifiedDevice(FileChild("raw", str(tmp_path / "raw.img")),
                             FileChild("test", str(tmp_path / "test.img")),
-                            policy=policy, on_finding=found.append)
+                            policy=MismatchPolicy(policy), on_finding=found.append)
     return device, found
 
 
@@ -78,7 +77,7 @@ async def test_mismatch_names_first_byte_sector_and_count(tmp_path: Path) -> Non
 
 
 async def test_log_policy_serves_reference_bytes(tmp_path: Path) -> None:
-    device, found = make_device(tmp_path, MismatchPolicy.LOG)
+    device, found = make_device(tmp_path, OnMismatch.LOG)
     raw = (tmp_path / "raw.img").read_bytes()
     poke(tmp_path / "test.img", 100, b"\x00\x01\x02")
     data = await device.read(0, 4096)
@@ -87,12 +86,29 @@ async def test_log_policy_serves_reference_bytes(tmp_path: Path) -> None:
 
 
 async def test_disconnect_policy_stops_the_export(tmp_path: Path) -> None:
-    device, _ = make_device(tmp_path, MismatchPolicy.DISCONNECT)
+    device, _ = make_device(tmp_path, OnMismatch.DISCONNECT)
+    assert device.policy.refusal() is None
     poke(tmp_path / "test.img", 0, b"\xaa\xbb")
     with pytest.raises(VerificationFailed):
         await device.read(0, 512)
-    assert device.stopped.is_set()
-    assert device.stopped_by is not None
+    assert device.policy.stopped.is_set()
+    assert device.policy.stopped_by is not None
+    refusal = device.policy.refusal()
+    assert refusal is not None and "mismatch at offset 0" in refusal
+    assert device.policy.exit_status() == 0  # only EXIT makes a stopped export an exit status
+
+
+async def test_policy_answers_per_mode(tmp_path: Path) -> None:
+    for mode, fails, stops, status in [(OnMismatch.DISCONNECT, True, True, 0),
+                                       (OnMismatch.ERROR, True, False, 0),
+                                       (OnMismatch.LOG, False, False, 0),
+                                       (OnMismatch.EXIT, True, True, 3)]:
+        policy = MismatchPolicy(mode)
+        finding = Divergence("", "read", 0, 1, raw_error=None, test_error="EIO")
+        assert policy.judge(finding) is fails
+        assert policy.stopped.is_set() is stops
+        assert policy.exit_status() == status
+        assert policy.exit_status(command_status=0) == 3  # --run: any finding is status 3
 
 
 async def test_trimmed_ranges_are_not_compared_until_written(tmp_path: Path) -> None:
@@ -121,12 +137,32 @@ async def test_write_zeroes_verified_and_identical(tmp_path: Path) -> None:
     assert found == []
 
 
+class RecordingChild(FileChild):
+    """A file child that notes which operations reached it."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(name, path)
+        self.seen: list[str] = []
+
+    def flush(self) -> Pending[None]:
+        self.seen.append("flush")
+        return super().flush()
+
+    def cache(self, offset: int, length: int) -> Pending[None]:
+        self.seen.append(f"cache {offset}+{length}")
+        return super().cache(offset, length)
+
+
 async def test_flush_and_cache_reach_both(tmp_path: Path) -> None:
-    device, found = make_device(tmp_path)
-    await device.flush()
+    make_device(tmp_path)
+    raw = RecordingChild("raw", str(tmp_path / "raw.img"))
+    test = RecordingChild("test", str(tmp_path / "test.img"))
+    device = VerifiedDevice(raw, test)
+    flushing = device.flush()
+    assert not flushing.ready and flushing.waits_long  # fdatasync runs in a thread
+    await flushing
     await device.cache(0, SIZE)
-    assert device.statistics.flushes == 1
-    assert found == []
+    assert raw.seen == test.seen == ["flush", f"cache 0+{SIZE}"]
 
 
 async def test_block_status_is_hole_only_where_both_agree(tmp_path: Path) -> None:
@@ -178,30 +214,22 @@ class FailingChild(FileChild):
         super().__init__(name, path)
         self.fail = fail
 
-    def _maybe_fail(self, operation: str, offset: int, length: int) -> None:
-        if operation in self.fail:
-            raise ChildError(self.name, operation, offset, length, self.fail[operation],
-                             "injected")
+    def _injected(self, operation: str, offset: int, length: int) -> Pending[None] | None:
+        if operation not in self.fail:
+            return None
+        return Failed(ChildError(self.name, operation, offset, length, self.fail[operation],
+                                 "injected"))
 
-    async def read_into(self, buffer: memoryview, offset: int) -> None:
-        self._maybe_fail("read", offset, len(buffer))
-        await super().read_into(buffer, offset)
+    def read(self, buffer: memoryview, offset: int) -> Pending[None]:
+        return self._injected("read", offset, len(buffer)) or super().read(buffer, offset)
 
-    def post_read(self, buffer: memoryview, offset: int) -> Awaitable[None]:
-        self._maybe_fail("read", offset, len(buffer))
-        return super().post_read(buffer, offset)
-
-    async def write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
-        self._maybe_fail("write", offset, len(data))
-        await super().write(data, offset, fua)
-
-    def post_write(self, data: bytes | bytearray | memoryview, offset: int) -> Awaitable[None]:
-        self._maybe_fail("write", offset, len(data))
-        return super().post_write(data, offset)
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              fua: bool) -> Pending[None]:
+        return self._injected("write", offset, len(data)) or super().write(data, offset, fua)
 
 
 def failing_device(tmp_path: Path, raw_fail: dict[str, Errno], test_fail: dict[str, Errno],
-                   policy: MismatchPolicy = MismatchPolicy.ERROR
+                   policy: OnMismatch = OnMismatch.ERROR
                    ) -> tuple[VerifiedDevice, list[Finding]]:
     content = os.urandom(SIZE)
     for name in ("raw.img", "test.img"):
@@ -209,7 +237,7 @@ def failing_device(tmp_path: Path, raw_fail: dict[str, Errno], test_fail: dict[s
     found: list[Finding] = []
     device = VerifiedDevice(FailingChild("raw", str(tmp_path / "raw.img"), raw_fail),
                             FailingChild("test", str(tmp_path / "test.img"), test_fail),
-                            policy=policy, on_finding=found.append)
+                            policy=MismatchPolicy(policy), on_finding=found.append)
     return device, found
 
 
@@ -239,7 +267,7 @@ async def test_different_errors_are_a_divergence(tmp_path: Path) -> None:
 
 
 async def test_log_policy_divergence_returns_reference_result(tmp_path: Path) -> None:
-    device, found = failing_device(tmp_path, {}, {"read": Errno.EIO}, MismatchPolicy.LOG)
+    device, found = failing_device(tmp_path, {}, {"read": Errno.EIO}, OnMismatch.LOG)
     raw = (tmp_path / "raw.img").read_bytes()
     assert bytes(await device.read(0, 512)) == raw[:512]
     assert len(found) == 1
@@ -247,30 +275,58 @@ async def test_log_policy_divergence_returns_reference_result(tmp_path: Path) ->
 
 async def test_overlapping_requests_run_in_arrival_order() -> None:
     ordering = RequestOrdering()
+    write = ordering.enter(0, 100, exclusive=True)
+    overlapping_read = ordering.enter(50, 60, exclusive=False)
+    disjoint_read = ordering.enter(100, 200, exclusive=False)
+    later_write = ordering.enter(55, 56, exclusive=True)
+    assert not write.blocked and not disjoint_read.blocked
+    assert overlapping_read.blocked and later_write.blocked
     log: list[str] = []
-    gate = trio.Event()
 
-    async def slow_write() -> None:
-        async with ordering.hold(0, 100, exclusive=True):
-            log.append("write start")
-            await gate.wait()
-            log.append("write end")
-
-    async def read(name: str, start: int, end: int) -> None:
-        async with ordering.hold(start, end, exclusive=False):
-            log.append(name)
+    async def wait_then_log(hold: Hold, name: str) -> None:
+        await hold.wait()
+        log.append(name)
+        hold.release()
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow_write)
+            nursery.start_soon(wait_then_log, later_write, "later write")
+            nursery.start_soon(wait_then_log, overlapping_read, "overlapping read")
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(read, "overlapping read", 50, 60)
-            nursery.start_soon(read, "disjoint read", 100, 200)
-            await trio.testing.wait_all_tasks_blocked()
-            assert log == ["write start", "disjoint read"]
-            gate.set()
-    assert log == ["write start", "disjoint read", "write end", "overlapping read"]
+            assert log == []
+            disjoint_read.release()
+            write.release()
+    assert log == ["overlapping read", "later write"]
+    write.release()  # releasing again changes nothing
     assert ordering.in_flight == 0
+
+
+async def test_reads_among_reads_never_wait() -> None:
+    ordering = RequestOrdering()
+    holds = [ordering.enter(0, 4096, exclusive=False) for _ in range(3)]
+    assert not any(hold.blocked for hold in holds)
+
+
+async def test_file_children_are_ready_at_once_and_overlaps_wait(tmp_path: Path) -> None:
+    device, _ = make_device(tmp_path)
+    first = device.write(0, b"x" * 4096, fua=False)
+    assert first.ready and not first.waits_long  # page cache: done as it started
+    overlapping = device.read(0, 512)
+    assert not overlapping.ready and overlapping.waits_long  # behind the write
+    await first
+    assert bytes((await overlapping)[:1]) == b"x"
+    durable = device.write(8192, b"y", fua=True)
+    assert not durable.ready and durable.waits_long
+    await durable
+
+
+async def test_an_abandoned_operation_lets_later_ones_through(tmp_path: Path) -> None:
+    device, _ = make_device(tmp_path)
+    never_awaited = device.write(0, b"a", fua=True)
+    never_awaited.abandon()
+    with trio.fail_after(5):
+        await device.write(0, b"b", fua=False)
+    assert (tmp_path / "test.img").read_bytes()[:1] == b"b"
 
 
 def test_range_set_add_remove_overlapping() -> None:
