@@ -86,7 +86,8 @@ class Operation(Generic[T]):
     __slots__ = ("_finish", "_hold", "_parts", "waits_long")
 
     def __init__(self, finish: Coroutine[Any, Any, T], hold: Hold,
-                 parts: tuple[Pending[Any], ...], waits_long: bool) -> None:
+                 parts: tuple[Pending[Any], Pending[Any]] | tuple[()],
+                 waits_long: bool) -> None:
         self._finish = finish
         self._hold = hold
         self._parts = parts  # empty: not started yet (it waits for an earlier request)
@@ -94,8 +95,10 @@ class Operation(Generic[T]):
 
     @property
     def ready(self) -> bool:
-        parts = self._parts
-        return bool(parts) and all(part.done for part in parts)
+        if not self._parts:
+            return False
+        raw, test = self._parts
+        return raw.done and test.done
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._finish.__await__()

@@ -84,8 +84,8 @@ def is_nbd_uri(text: str) -> bool:
 class _Request:
     """One request in flight to the child server: the Pending the device awaits."""
 
-    __slots__ = ("child", "cookie", "extents", "finished", "length", "offset",
-                 "operation", "result")
+    __slots__ = ("child", "cookie", "done", "extents", "length", "offset", "operation",
+                 "result", "waiter")
 
     def __init__(self, child: NbdChild, cookie: int, operation: str, offset: int,
                  length: int) -> None:
@@ -95,12 +95,16 @@ class _Request:
         self.offset = offset
         self.length = length
         self.extents: list[tuple[int, int]] = []
-        self.finished = trio.Event()
         self.result: ReplyDone | None = None
+        #: The reply came (or the connection is gone): awaiting will not wait.
+        self.done = False
+        self.waiter: trio.Event | None = None  # made only when somebody must wait
 
-    @property
-    def done(self) -> bool:
-        return self.finished.is_set()
+    def finish(self, result: ReplyDone | None) -> None:
+        self.result = result
+        self.done = True
+        if self.waiter is not None:
+            self.waiter.set()
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.child._finish(self).__await__()
@@ -149,10 +153,12 @@ class NbdChild:
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
         # Requests go out through one writer task: all those made in one scheduler
-        # tick leave in one sendmsg instead of one send each.
+        # tick leave in one send. (A send per request measured 18 us a call here,
+        # each waking the server; the task's wake-up costs ~8 us once per batch.)
         self._outbox: list[bytes | bytearray | memoryview] = []
         self._outbox_ready = trio.Event()
         self._outbox_empty = trio.Event()
+        self._outbox_empty.set()
         self._lost: str | None = None
         #: Stops what this child owns (a qemu-nbd we started), after disconnecting.
         self.owned_cleanup: Callable[[], Awaitable[None]] | None = None
@@ -219,8 +225,7 @@ class NbdChild:
                         request.extents.extend(event.extents)
                     continue
                 del self._in_flight[event.cookie]
-                request.result = event
-                request.finished.set()
+                request.finish(event)
         except (OSError, RemoteProtocolError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as error:
             self._lose(str(error) or type(error).__name__)
@@ -232,7 +237,7 @@ class NbdChild:
             log_event(logging.ERROR, "child-lost", f"{self.name} child {self.location}: "
                       f"connection lost: {reason}", child=self.name)
         for request in self._in_flight.values():
-            request.finished.set()
+            request.finish(None)
         self._in_flight.clear()
 
     # --- Requests ----------------------------------------------------------------
@@ -264,9 +269,10 @@ class NbdChild:
         return request
 
     async def _finish(self, request: _Request) -> None:
-        if not request.finished.is_set():
+        if not request.done:
+            request.waiter = trio.Event()
             with trio.move_on_after(self._timeout if self._timeout else math.inf):
-                await request.finished.wait()
+                await request.waiter.wait()
         operation, offset, length = request.operation, request.offset, request.length
         result = request.result
         if result is None:

@@ -230,9 +230,11 @@ class Server:
                 log_event(logging.WARNING, "accept-failed", f"accept failed: {error}")
                 await trio.sleep(0.1)
                 continue
-            connections.start_soon(self._handle, stream)
+            connections.start_soon(self.handle, stream)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection until it ends (also the entry point for
+        in-process tests, with any trio stream)."""
         connection = Connection(self, stream, next(self._ids))
         try:
             await connection.run()
@@ -241,12 +243,16 @@ class Server:
 
 
 class Connection:
-    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, number: int) -> None:
         self.server = server
         self.device = server.device
         self.number = number
-        self._stream: trio.abc.Stream = stream
-        self._transport = Transport.over_socket(stream.socket)
+        self._stream = stream
+        # A plain socket is read and written directly; anything else (the memory
+        # streams of in-process tests) through its stream methods.
+        self._transport = (Transport.over_socket(stream.socket)
+                           if isinstance(stream, trio.SocketStream)
+                           else Transport.over_stream(stream))
 
     def _log(self, level: int, event: str, message: str, **fields: object) -> None:
         log_event(level, event, message, connection=self.number, **fields)

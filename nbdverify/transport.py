@@ -9,6 +9,7 @@ trio's SSLStream, with copies.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -25,14 +26,42 @@ class ConnectionLost(Exception):
     """The peer closed the connection in the middle of a message."""
 
 
+def sent_so_far(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """What is left of `buffers` after the first `count` bytes went out."""
+    first = 0
+    while count and count >= len(buffers[first]):
+        count -= len(buffers[first])
+        first += 1
+    rest = buffers[first:]
+    if count:
+        rest[0] = rest[0][count:]
+    return rest
+
+
 class Transport:
-    def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers) -> None:
+    def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers,
+                 fd: int | None = None) -> None:
         self.receive_into = receive_into
         self._send_buffers = send_buffers
+        self._fd = fd  # a plain socket: sends go straight to the kernel
 
     @classmethod
     def over_socket(cls, sock: trio.socket.SocketType) -> Transport:
-        return cls(sock.recv_into, sock.sendmsg)
+        return cls(sock.recv_into, sock.sendmsg, sock.fileno())
+
+    def send_now(self, buffers: list[memoryview]) -> list[memoryview]:
+        """Send what the kernel takes without waiting; what is left (on a plain
+        socket). A send that need not wait costs a syscall, not a trip through trio's
+        scheduler (~6 us a checkpoint here, more than the syscall)."""
+        if self._fd is None:
+            return buffers
+        while buffers:
+            try:
+                sent = os.writev(self._fd, buffers[:MAX_BUFFERS])
+            except BlockingIOError:
+                return buffers
+            buffers = sent_so_far(buffers, sent)
+        return buffers
 
     @classmethod
     def over_stream(cls, stream: trio.abc.Stream) -> Transport:
@@ -59,12 +88,11 @@ class Transport:
 
     async def send_all(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send every byte of every buffer, in order, in as few calls as the kernel takes."""
-        pending = [memoryview(buffer) for buffer in buffers if len(buffer)]
-        first = 0  # pending[first:] is still to send
-        while first < len(pending):
-            sent = await self._send_buffers(pending[first:first + MAX_BUFFERS])
-            while sent and sent >= len(pending[first]):
-                sent -= len(pending[first])
-                first += 1
-            if sent:
-                pending[first] = pending[first][sent:]
+        pending = self.send_now([memoryview(buffer) for buffer in buffers if len(buffer)])
+        while pending:
+            if self._fd is not None:
+                await trio.lowlevel.wait_writable(self._fd)
+                pending = self.send_now(pending)
+            else:
+                pending = sent_so_far(pending,
+                                      await self._send_buffers(pending[:MAX_BUFFERS]))

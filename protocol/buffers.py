@@ -129,7 +129,8 @@ class PayloadStream:
 
     def receive_buffer(self) -> memoryview:
         """Where the next received bytes must go."""
-        if not self._input.buffered:
+        source = self._input
+        if source.start == source.end:
             if self._unfilled:
                 return self._unfilled
             if self._discard:
@@ -140,10 +141,11 @@ class PayloadStream:
 
     def received(self, count: int) -> None:
         """`count` bytes arrived in the last `receive_buffer()`; 0 is end of stream."""
+        source = self._input
         if count == 0:
             self._ended = True
-        elif self._input.buffered:
-            self._input.filled(count)
+        elif source.start != source.end:
+            source.end += count
         elif self._unfilled:
             self._unfilled = self._unfilled[count:]
         elif self._discard:
