@@ -4,8 +4,9 @@ socket in that volume to qemu-io and qemu-img on the host.
 
 scripts/setup starts the engine; scripts/docker-base makes the base image (built
 from Debian packages where no registry answers). The image is built once per
-module and run as its own non-root uid. Every container is removed afterwards,
-passed or failed. No engine is a failure, never a skip.
+module and run as its own non-root uid (as the user running the tests, if that is
+not root). Every container is removed afterwards, passed or failed. No engine is a
+failure, never a skip.
 """
 
 from __future__ import annotations
@@ -67,9 +68,18 @@ def image(engine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     return iidfile.read_text().strip()
 
 
+def container_user() -> list[str]:
+    """Root on the host runs the image as its own uid 10809. Anyone else runs it as
+    themselves: the socket the server creates is mode 0755 (umask 022), and only its
+    owner (or root) may connect to it."""
+    if os.geteuid() == 0:
+        return []
+    return ["--user", f"{os.geteuid()}:{os.getegid()}"]
+
+
 def volume(directory: Path) -> Path:
     """The images' directory, writable for the container's uid (it creates the socket
-    and the report there), whoever runs the test."""
+    and the report there)."""
     directory.mkdir()
     directory.chmod(0o777)
     return directory
@@ -126,7 +136,7 @@ class ContainerRunner:
     def arguments(self, host_volume: Path, *command: str) -> list[str]:
         name = f"nbdverify-test-{uuid.uuid4().hex[:12]}"
         self.names.append(name)
-        return ["--name", name, "--network", "none", "--label", LABEL,
+        return ["--name", name, "--network", "none", "--label", LABEL, *container_user(),
                 "-v", f"{host_volume}:{VOLUME}", self.image, *command]
 
     def serve(self, host_volume: Path, *command: str) -> Container:
@@ -274,7 +284,7 @@ def test_an_image_the_containers_uid_cannot_write_is_a_one_line_error(
     host_volume = volume(tmp_path / "images")
     images = make_pair(host_volume)
     writable(images.raw)
-    images.test.chmod(0o644)  # owned by whoever runs the test, never by uid 10809
+    images.test.chmod(0o444)  # writable by nobody but root, and the container runs as no root
     result = containers.run(host_volume, "serve", inside(images.raw), inside(images.test),
                             "-U", f"{VOLUME}/nbd.sock")
     assert result.returncode == 1, result.stdout + result.stderr
