@@ -34,7 +34,9 @@ BUILD_TIMEOUT = 900.0  # apt and pip inside the build: ~21 s here; unchanged sou
 DOCKER_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
 QEMU_TIMEOUT = 30.0
-STOP_GRACE = 10  # docker stop --time: SIGTERM, then SIGKILL after this many seconds
+# docker stop -t (--time in Debian's client, --timeout in newer ones; -t in both):
+# SIGTERM, then SIGKILL after this many seconds.
+STOP_GRACE = 10
 VOLUME = "/images"
 SECTOR = 512
 IMAGE_SIZE = 4 * 1024 * 1024
@@ -217,7 +219,7 @@ def serve_write_and_stop(containers: ContainerRunner, directory: Path) -> Served
     network_mode = docker("inspect", "--format", "{{.HostConfig.NetworkMode}}",
                           container.name).stdout.strip()
     started = time.monotonic()
-    docker("stop", "--time", str(STOP_GRACE), container.name, timeout=STOP_GRACE + DOCKER_TIMEOUT)
+    docker("stop", "-t", str(STOP_GRACE), container.name, timeout=STOP_GRACE + DOCKER_TIMEOUT)
     stop_seconds = time.monotonic() - started
     exit_code = container.state()["ExitCode"]
     assert isinstance(exit_code, int)
