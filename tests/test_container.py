@@ -302,3 +302,11 @@ def test_scripts_leave_a_running_engine_and_a_present_base_alone(image: str) -> 
     assert "starting" not in engine.stderr, engine.stderr
     base = run([str(ROOT / "scripts" / "docker-base")], timeout=DOCKER_TIMEOUT)
     assert "is present" in base.stderr, base.stderr
+
+
+def test_docker_base_refuses_an_unknown_argument_in_one_line() -> None:
+    result = run([str(ROOT / "scripts" / "docker-base"), "--pull"], timeout=DOCKER_TIMEOUT,
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "docker-base: unknown argument: --pull (usage: scripts/docker-base [--force])"]
