@@ -1,10 +1,11 @@
 """The runtime install path (scripts/install) and the Dockerfile built on it.
 
-No container engine runs here, so the image's build is replayed outside one: the
-files the Dockerfile COPYs are copied into a directory laid out as the image's, and
-the command its RUN gives is run there, with the prefix moved into a temporary
-directory. The nbdverify that comes out is then used as the image's ENTRYPOINT would
-be. One real install (a venv and a pip run) per session; everything else reuses it.
+The image's build is replayed outside a container (test_container.py builds and runs
+the real image): the files the Dockerfile COPYs are copied into a directory laid out
+as the image's, and the command its RUN gives is run there, with the prefix moved
+into a temporary directory. The nbdverify that comes out is then used as the image's
+ENTRYPOINT would be. One real install (a venv and a pip run) per session; everything
+else reuses it.
 """
 
 from __future__ import annotations
