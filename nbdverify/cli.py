@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-e", "--exportname", default="", help="export name (default empty)")
     export.add_argument("--description", default="", help="export description for clients")
     export.add_argument("-r", "--readonly", action="store_true", help="refuse all writes")
+    export.add_argument("--no-extended-headers", action="store_true",
+                        help="do not offer NBD extended headers (64-bit lengths), to test a "
+                        "client's fallback to structured replies")
     tls = serve.add_argument_group("TLS (X.509, as qemu-nbd and nbdkit)")
     tls.add_argument("--tls", choices=[mode.value for mode in TlsMode], default="off",
                      help="off (default), on (clients may use STARTTLS) or require")
@@ -330,7 +333,8 @@ async def serve(args: argparse.Namespace) -> int:
                                        f"{error.strerror or error}") from None
                 reporter.attach(report)
             server = Server(device, ExportConfig(args.exportname, args.description,
-                                                 args.readonly), tls_config(args))
+                                                 args.readonly), tls_config(args),
+                            extended_headers=not args.no_extended_headers)
             status = await run_server(server, endpoint, args)
             if not args.readonly:
                 with contextlib.suppress(DeviceError, VerificationFailed):

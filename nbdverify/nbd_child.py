@@ -35,7 +35,7 @@ from nbdverify_protocol.constants import (
 )
 from nbdverify_protocol.errors import ProtocolError, RemoteProtocolError
 from nbdverify_protocol.events import NEED_DATA
-from nbdverify_protocol.transmission import build_request
+from nbdverify_protocol.transmission import build_extended_request, build_request
 
 from .children import COMPLETED, ZERO_CHUNK, ChildError, Completed, Extent, Failed, Later, Pending
 from .log import log_event
@@ -148,7 +148,10 @@ class NbdChild:
         maximum = opened.block_size.maximum if opened.block_size else DEFAULT_MAX_REQUEST
         self._max_request = min(maximum, DEFAULT_MAX_REQUEST * 2)
         self._timeout = timeout
-        self._reader = ReplyReader(opened.structured_replies, initial)
+        self._reader = ReplyReader(opened.structured_replies, initial, opened.extended_headers)
+        self._build = build_extended_request if opened.extended_headers else build_request
+        #: The child negotiated NBD extended headers (32-byte requests and replies).
+        self.extended_headers = opened.extended_headers
         self._transport = Transport.over_socket(stream.socket)
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
@@ -186,6 +189,10 @@ class NbdChild:
             raise ChildError(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None
         assert isinstance(event, ExportOpened)
         child = cls(name, uri, stream, event, timeout, machine.trailing_data)
+        framing = ("extended headers" if event.extended_headers
+                   else "structured replies" if event.structured_replies else "simple replies")
+        log_event(logging.DEBUG, "child-connected", f"{name} child {uri}: {framing}",
+                  child=name, framing=framing)
         nursery.start_soon(child._read_replies)
         nursery.start_soon(child._write_requests)
         return child
@@ -261,7 +268,7 @@ class NbdChild:
         request = _Request(self, cookie, operation, offset, length)
         self._in_flight[cookie] = request
         self._reader.expect(cookie, offset, length, buffer)
-        header = build_request(command, offset, length, cookie, flags)
+        header = self._build(command, offset, length, cookie, flags)
         if payload is None:
             self._post(header)
         else:
@@ -394,10 +401,10 @@ class NbdChild:
     async def aclose(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close."""
         if self._lost is None:
-            self._post(build_request(Command.DISC, 0, 0, 0))
+            self._post(self._build(Command.DISC, 0, 0, 0))
+            self._lost = "closed"  # the server hanging up now is no news
             with trio.move_on_after(5):
                 await self._outbox_empty.wait()
-        self._lost = self._lost or "closed"
         await self._stream.aclose()
         if self.owned_cleanup is not None:
             await self.owned_cleanup()

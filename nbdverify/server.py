@@ -194,10 +194,12 @@ class TlsConfig:
 
 class Server:
     def __init__(self, device: VerifiedDevice, export: ExportConfig,
-                 tls: TlsConfig | None = None) -> None:
+                 tls: TlsConfig | None = None, extended_headers: bool = True) -> None:
         self.device = device
         self.export = export
         self.tls = tls
+        #: Offer NBD extended headers (64-bit lengths) to clients that ask.
+        self.extended_headers = extended_headers
         #: Set to stop: no new connections; open ones finish in-flight requests.
         self.stopping = trio.Event()
         self._ids = itertools.count(1)
@@ -285,7 +287,8 @@ class Connection:
     async def _negotiate(self) -> tuple[Negotiated, bytes] | None:
         """The session, and the bytes that came after the handshake (first requests)."""
         tls = self.server.tls
-        machine = ServerNegotiation(tls=tls.mode if tls else TlsMode.OFF)
+        machine = ServerNegotiation(tls=tls.mode if tls else TlsMode.OFF,
+                                    offer_extended_headers=self.server.extended_headers)
         while True:
             if machine.state is State.AWAIT_OPTION or machine.state is State.AWAIT_CLIENT_FLAGS:
                 event = machine.next_event()

@@ -17,6 +17,7 @@ from . import wire
 from .buffers import ByteConversation, PayloadStream
 from .constants import (
     ERROR_CHUNK_BIT,
+    EXTENDED_REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ChunkType,
@@ -33,12 +34,14 @@ from .errors import ProtocolError, RemoteProtocolError
 from .events import NEED_DATA, BlockSize, NeedData
 from .transmission import (
     BLOCK_DESCRIPTOR,
+    BLOCK_STATUS_EXT_PREFIX,
     CHUNK_HEADER,
     CONTEXT_ID,
     ERROR_CHUNK_PREFIX,
+    EXTENDED_BLOCK_DESCRIPTOR,
+    EXTENDED_REPLY_HEADER,
     MAGIC,
     OFFSET,
-    OFFSET_DATA_HEADER,
     OFFSET_HOLE,
     SIMPLE_REPLY_HEADER,
 )
@@ -70,6 +73,7 @@ class ExportOpened:
     structured_replies: bool
     meta_contexts: dict[str, int] = field(default_factory=dict)
     block_size: BlockSize | None = None
+    extended_headers: bool = False
 
 
 class ClientState(enum.Enum):
@@ -83,19 +87,22 @@ class ClientNegotiation(ByteConversation):
     replies and metadata contexts are used when the server offers them."""
 
     def __init__(self, export_name: str = "", structured_replies: bool = True,
-                 meta_contexts: Sequence[str] = ()) -> None:
+                 meta_contexts: Sequence[str] = (), extended_headers: bool = True) -> None:
         super().__init__()
         self.state = ClientState.AWAIT_GREETING
         self.export_name = export_name
         self._plan: list[Option] = []
         if structured_replies:
-            self._plan.append(Option.STRUCTURED_REPLY)
+            # Extended headers where the server has them, else structured replies.
+            self._plan.append(Option.EXTENDED_HEADERS if extended_headers
+                              else Option.STRUCTURED_REPLY)
             if meta_contexts:
                 self._plan.append(Option.SET_META_CONTEXT)
         self._plan.append(Option.GO)
         self._wanted_contexts = tuple(meta_contexts)
         self._pending: Option | None = None
         self._structured = False
+        self._extended = False
         self._contexts: dict[str, int] = {}
         self._size: int | None = None
         self._flags = TransmissionFlag(0)
@@ -143,7 +150,7 @@ class ClientNegotiation(ByteConversation):
 
     def _send_next_option(self) -> None:
         option = self._plan.pop(0)
-        if option is Option.STRUCTURED_REPLY:
+        if option in (Option.STRUCTURED_REPLY, Option.EXTENDED_HEADERS):
             payload = b""
         elif option is Option.SET_META_CONTEXT:
             payload = wire.MetaContextRequest.build(
@@ -163,7 +170,9 @@ class ClientNegotiation(ByteConversation):
             message = payload.decode("utf-8", "replace")
             if option is Option.GO:
                 raise NegotiationRefused(option, reply_type, message)
-            if option is Option.STRUCTURED_REPLY:
+            if option is Option.EXTENDED_HEADERS:
+                self._plan.insert(0, Option.STRUCTURED_REPLY)  # an older server
+            elif option is Option.STRUCTURED_REPLY:
                 self._plan = [Option.GO]  # no structured replies: no contexts either
             self._send_next_option()
             return None
@@ -181,6 +190,8 @@ class ClientNegotiation(ByteConversation):
             return None
         if option is Option.STRUCTURED_REPLY:
             self._structured = True
+        if option is Option.EXTENDED_HEADERS:
+            self._structured = self._extended = True
         if option is not Option.GO:
             self._send_next_option()
             return None
@@ -188,7 +199,7 @@ class ClientNegotiation(ByteConversation):
             raise RemoteProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
         self.state = ClientState.TRANSMISSION
         return ExportOpened(self._size, self._flags, self._structured, dict(self._contexts),
-                            self._block_size)
+                            self._block_size, self._extended)
 
     def _receive_info(self, payload: bytes) -> None:
         info_type = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else -1
@@ -255,9 +266,11 @@ class ReplyReader(PayloadStream):
     READ does not say how long its data is); data lands in the caller's buffer.
     Anything the spec does not allow raises RemoteProtocolError."""
 
-    def __init__(self, structured: bool, initial: bytes | bytearray = b"") -> None:
+    def __init__(self, structured: bool, initial: bytes | bytearray = b"",
+                 extended: bool = False) -> None:
         super().__init__(initial)
-        self.structured = structured
+        self.structured = structured or extended
+        self.extended = extended
         self._expected: dict[int, _Expected] = {}
         self._state = _Reading.HEADER
         self._current: tuple[int, int, int, int] = (0, 0, 0, 0)  # flags, type, cookie, length
@@ -312,6 +325,19 @@ class ReplyReader(PayloadStream):
         if available < 4:
             return NEED_DATA
         magic = MAGIC.unpack_from(source.data, source.start)[0]
+        if self.extended:
+            if magic != EXTENDED_REPLY_MAGIC:
+                raise RemoteProtocolError(
+                    f"reply magic 0x{magic:08x} after extended headers were negotiated")
+            if available < EXTENDED_REPLY_HEADER.size:
+                return NEED_DATA
+            _, flags, chunk_type, cookie, offset, length = EXTENDED_REPLY_HEADER.unpack_from(
+                source.data, source.start)
+            if self._take_expected(cookie).offset != offset:
+                raise RemoteProtocolError(f"reply for cookie {cookie} names offset {offset}, "
+                                          "not its request's")
+            return self._chunk(flags, chunk_type, cookie, length, EXTENDED_REPLY_HEADER.size,
+                               available)
         if magic == SIMPLE_REPLY_MAGIC:
             if available < SIMPLE_REPLY_HEADER.size:
                 return NEED_DATA
@@ -336,27 +362,33 @@ class ReplyReader(PayloadStream):
             return NEED_DATA
         _, flags, chunk_type, cookie, length = CHUNK_HEADER.unpack_from(source.data,
                                                                         source.start)
+        return self._chunk(flags, chunk_type, cookie, length, CHUNK_HEADER.size, available)
+
+    def _chunk(self, flags: int, chunk_type: int, cookie: int, length: int, header: int,
+               available: int) -> NeedData | None:
+        """A structured or extended chunk whose `header`-byte header is buffered."""
+        source = self._input
         if chunk_type == OFFSET_DATA:
-            return self._data_chunk(flags, cookie, length, available)
+            return self._data_chunk(flags, cookie, length, header, available)
         if length > MAX_METADATA_CHUNK:
             raise RemoteProtocolError(f"reply chunk of {length} bytes")
-        source.consume(CHUNK_HEADER.size)
+        source.consume(header)
         self._take_expected(cookie)
         self._current = (flags, chunk_type, cookie, length)
         self._state = _Reading.CHUNK
         source.ensure(length)
         return None
 
-    def _data_chunk(self, flags: int, cookie: int, length: int,
+    def _data_chunk(self, flags: int, cookie: int, length: int, header: int,
                     available: int) -> NeedData | None:
         """OFFSET_DATA: once its offset is here, the data goes straight to the buffer."""
         source = self._input
         if length <= OFFSET.size or length > MAX_CHUNK:
             raise RemoteProtocolError(f"OFFSET_DATA chunk of {length} bytes")
-        if available < OFFSET_DATA_HEADER.size:
+        if available < header + OFFSET.size:
             return NEED_DATA
-        offset = OFFSET.unpack_from(source.data, source.start + CHUNK_HEADER.size)[0]
-        source.consume(OFFSET_DATA_HEADER.size)
+        offset = OFFSET.unpack_from(source.data, source.start + header)[0]
+        source.consume(header + OFFSET.size)
         expected = self._take_expected(cookie)
         size = length - OFFSET.size
         target = self._placement(expected, offset, size)
@@ -399,12 +431,22 @@ class ReplyReader(PayloadStream):
                 target = self._placement(expected, offset, size)
                 if target is not None:
                     target[:] = bytes(size)
-            elif chunk_type == ChunkType.BLOCK_STATUS:
+            elif chunk_type == ChunkType.BLOCK_STATUS and not self.extended:
                 if length < CONTEXT_ID.size + BLOCK_DESCRIPTOR.size or (
                         length - CONTEXT_ID.size) % BLOCK_DESCRIPTOR.size:
                     raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
                 context_id = CONTEXT_ID.unpack_from(body)[0]
                 extents = tuple(BLOCK_DESCRIPTOR.iter_unpack(body[CONTEXT_ID.size:]))
+                event = ReplyExtents(cookie, context_id, extents)
+            elif chunk_type == ChunkType.BLOCK_STATUS_EXT and self.extended:
+                prefix = BLOCK_STATUS_EXT_PREFIX.size
+                count = (length - prefix) // EXTENDED_BLOCK_DESCRIPTOR.size
+                context_id, announced = BLOCK_STATUS_EXT_PREFIX.unpack_from(body)
+                if not count or announced != count or (
+                        length != prefix + count * EXTENDED_BLOCK_DESCRIPTOR.size):
+                    raise RemoteProtocolError(f"BLOCK_STATUS_EXT chunk of {length} bytes "
+                                              f"announcing {announced} extents")
+                extents = tuple(EXTENDED_BLOCK_DESCRIPTOR.iter_unpack(body[prefix:]))
                 event = ReplyExtents(cookie, context_id, extents)
             elif chunk_type & ERROR_CHUNK_BIT:
                 error, message_length = ERROR_CHUNK_PREFIX.unpack_from(body)

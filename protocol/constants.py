@@ -11,6 +11,10 @@ OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# Extended headers (NBD_OPT_EXTENDED_HEADERS, branch extension-ext-header of the spec):
+# 32-byte requests and replies with 64-bit lengths.
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 SECTOR_SIZE = 512
 # Option payloads are small (names are at most 4096 bytes); larger ones are refused
@@ -74,6 +78,7 @@ class OptionReplyType(enum.IntEnum):
     ERR_SHUTDOWN = 2**31 + 7
     ERR_BLOCK_SIZE_REQD = 2**31 + 8
     ERR_TOO_BIG = 2**31 + 9
+    ERR_EXT_HEADER_REQD = 2**31 + 10
 
     @property
     def is_error(self) -> bool:
@@ -104,6 +109,8 @@ class CommandFlag(enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    #: Extended headers only: `length` is the payload's (WRITE must set it).
+    PAYLOAD_LEN = 1 << 5
 
 
 class ReplyFlag(enum.IntFlag):
@@ -119,6 +126,7 @@ class ChunkType(enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
     ERROR = 2**15 + 1
     ERROR_OFFSET = 2**15 + 2
 

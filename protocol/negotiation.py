@@ -112,6 +112,7 @@ class ServerNegotiation(ByteConversation):
         handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES,
         max_option_length: int = MAX_OPTION_LENGTH,
         tls: TlsMode = TlsMode.OFF,
+        offer_extended_headers: bool = True,
     ) -> None:
         super().__init__()
         self.state = State.AWAIT_CLIENT_FLAGS
@@ -120,6 +121,8 @@ class ServerNegotiation(ByteConversation):
         self.handshake_flags = handshake_flags
         self.client_flags = ClientFlag(0)
         self.structured_replies = False
+        self.offer_extended_headers = offer_extended_headers
+        self.extended_headers = False
         self.negotiated: Negotiated | None = None
         self._max_option_length = max_option_length
         self._outgoing += wire.ServerGreeting.build({"handshake_flags": handshake_flags})
@@ -229,6 +232,8 @@ class ServerNegotiation(ByteConversation):
     # --- Option handlers: payload in, event out (or a reply queued) ---------------
 
     def _on_export_name(self, payload: bytes) -> Event:
+        if self.extended_headers:
+            raise self._fail("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
         return ExportNameChosen(payload.decode("utf-8"))
 
     def _on_abort(self, payload: bytes) -> Event:
@@ -262,6 +267,7 @@ class ServerNegotiation(ByteConversation):
             raise LocalProtocolError(f"tls_established called in state {self.state}")
         self.tls_active = True
         self.structured_replies = False
+        self.extended_headers = False
         self._selected_contexts = ("", ())
         self.state = State.AWAIT_OPTION
 
@@ -277,12 +283,30 @@ class ServerNegotiation(ByteConversation):
     def _on_structured_reply(self, payload: bytes) -> None:
         if payload:
             raise _InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.extended_headers:
+            self._reply_error(OptionReplyType.ERR_EXT_HEADER_REQD,
+                              "extended headers are in use; they take precedence")
+            return
         self.structured_replies = True
         self._reply(OptionReplyType.ACK)
 
+    def _on_extended_headers(self, payload: bytes) -> None:
+        if not self.offer_extended_headers:
+            self._reply_error(OptionReplyType.ERR_UNSUP, "extended headers are turned off")
+            return
+        if payload:
+            raise _InvalidOption("NBD_OPT_EXTENDED_HEADERS takes no data")
+        self.extended_headers = True
+        self._reply(OptionReplyType.ACK)
+
+    @property
+    def chunked_replies(self) -> bool:
+        """Replies are chunks (structured or extended): READ data, errors with text."""
+        return self.structured_replies or self.extended_headers
+
     def _on_meta_context(self, payload: bytes) -> Event | None:
-        if not self.structured_replies:
-            raise _InvalidOption("negotiate structured replies first")
+        if not self.chunked_replies:
+            raise _InvalidOption("negotiate structured replies or extended headers first")
         request = wire.MetaContextRequest.parse(payload)
         expected = 4 + len(request.export_name.encode("utf-8")) + 4
         expected += sum(4 + len(query.encode("utf-8")) for query in request.queries)
@@ -302,6 +326,7 @@ class ServerNegotiation(ByteConversation):
         Option.INFO: _on_info_or_go,
         Option.GO: _on_info_or_go,
         Option.STRUCTURED_REPLY: _on_structured_reply,
+        Option.EXTENDED_HEADERS: _on_extended_headers,
         Option.LIST_META_CONTEXT: _on_meta_context,
         Option.SET_META_CONTEXT: _on_meta_context,
     }
@@ -346,7 +371,7 @@ class ServerNegotiation(ByteConversation):
 
     def _transmission_flags(self, details: ExportDetails) -> TransmissionFlag:
         flags = details.transmission_flags | TransmissionFlag.HAS_FLAGS
-        if not self.structured_replies:
+        if not self.chunked_replies:
             flags &= ~TransmissionFlag.SEND_DF
         return flags
 
@@ -388,8 +413,9 @@ class ServerNegotiation(ByteConversation):
         self.negotiated = Negotiated(
             export_size=details.size,
             transmission_flags=self._transmission_flags(details),
-            structured_replies=self.structured_replies,
+            structured_replies=self.chunked_replies,
             meta_contexts=contexts,
+            extended_headers=self.extended_headers,
         )
         self.state = State.TRANSMISSION
 

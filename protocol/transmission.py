@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from .buffers import PayloadStream
 from .constants import (
     ALLOWED_COMMAND_FLAGS,
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     MAX_ERROR_MESSAGE,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -46,6 +48,10 @@ CONTEXT_ID = struct.Struct(">I")
 OFFSET = struct.Struct(">Q")
 OFFSET_HOLE = struct.Struct(">QI")
 MAGIC = struct.Struct(">I")
+EXTENDED_REQUEST_HEADER = struct.Struct(">IHHQQQ")
+EXTENDED_REPLY_HEADER = struct.Struct(">IHHQQQ")
+BLOCK_STATUS_EXT_PREFIX = struct.Struct(">II")
+EXTENDED_BLOCK_DESCRIPTOR = struct.Struct(">QQ")
 
 # The biggest WRITE payload or READ reply served. QEMU and the kernel send at most
 # 32 MiB; nbdkit and libnbd allow 64 MiB, and third-party suites send ~48 MiB.
@@ -89,14 +95,26 @@ def build_request(command: int, offset: int, length: int, cookie: int, flags: in
     return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 
+def build_extended_request(command: int, offset: int, length: int, cookie: int,
+                           flags: int = 0) -> bytes:
+    """A 32-byte request; a WRITE's payload length is marked with PAYLOAD_LEN."""
+    if command == Command.WRITE:
+        flags |= PAYLOAD_LEN
+    return EXTENDED_REQUEST_HEADER.pack(EXTENDED_REQUEST_MAGIC, flags, command, cookie,
+                                        offset, length)
+
+
 @dataclass(frozen=True, slots=True)
 class Negotiated:
     """What the handshake settled, which decides how requests are checked and answered."""
 
     export_size: int
     transmission_flags: TransmissionFlag
+    #: Replies are chunks (negotiated structured replies, or extended headers).
     structured_replies: bool
     meta_contexts: tuple[tuple[int, str], ...] = ()
+    #: 32-byte request and reply headers with 64-bit lengths.
+    extended_headers: bool = False
 
 
 class RequestCheck:
@@ -152,6 +170,8 @@ def request_error(request: Request, session: Negotiated) -> Errno:
     return RequestCheck(session)(request)
 
 
+PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
+
 # --- Replies -------------------------------------------------------------------------
 
 
@@ -194,12 +214,7 @@ def truncate_message(message: str, limit: int = MAX_ERROR_MESSAGE) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "", offset: int | None = None) -> bytes:
-    text = truncate_message(message)
-    body = ERROR_CHUNK_PREFIX.pack(error, len(text)) + text
-    chunk_type = ChunkType.ERROR
-    if offset is not None:
-        body += OFFSET.pack(offset)
-        chunk_type = ChunkType.ERROR_OFFSET
+    chunk_type, body = error_body(error, message, offset)
     header = CHUNK_HEADER.pack(
         STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, chunk_type, cookie, len(body)
     )
@@ -224,6 +239,132 @@ def block_status_chunk(cookie: int, context_id: int, extents: Iterable[tuple[int
         STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.BLOCK_STATUS, cookie, len(body)
     )
     return header + body
+
+
+def extended_chunk(flags: int, chunk_type: int, cookie: int, offset: int,
+                   body: bytes = b"") -> bytes:
+    return EXTENDED_REPLY_HEADER.pack(EXTENDED_REPLY_MAGIC, flags, chunk_type, cookie, offset,
+                                      len(body)) + body
+
+
+def error_body(error: int, message: str = "", offset: int | None = None) -> tuple[int, bytes]:
+    """An error chunk's type and payload."""
+    text = truncate_message(message)
+    body = ERROR_CHUNK_PREFIX.pack(error, len(text)) + text
+    if offset is None:
+        return ChunkType.ERROR, body
+    return ChunkType.ERROR_OFFSET, body + OFFSET.pack(offset)
+
+
+class Framing:
+    """How replies look in one session; chosen once, when transmission starts."""
+
+    #: Bytes left in front of READ data for its reply header.
+    read_headroom: int
+
+    def pack_read_header(self, buffer: bytearray, request: Request) -> None:
+        raise NotImplementedError
+
+    def done(self, request: Request) -> bytes:
+        """Success for a command that returns no data."""
+        raise NotImplementedError
+
+    def empty_read(self, request: Request) -> bytes:
+        raise NotImplementedError
+
+    def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
+        raise NotImplementedError
+
+    def extents(self, request: Request, context_id: int,
+                extents: Sequence[tuple[int, int]]) -> bytes:
+        raise NotImplementedError
+
+    #: The longest extent one descriptor can carry.
+    max_extent = MAX_EXTENT_LENGTH
+
+
+class SimpleFraming(Framing):
+    """No structured replies: a 16-byte header, READ data after it, errors as numbers."""
+
+    read_headroom = SIMPLE_REPLY_HEADER.size
+
+    def pack_read_header(self, buffer: bytearray, request: Request) -> None:
+        SIMPLE_REPLY_HEADER.pack_into(buffer, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
+
+    def done(self, request: Request) -> bytes:
+        return simple_reply(request.cookie)
+
+    empty_read = done
+
+    def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
+        return simple_reply(request.cookie, error)
+
+    def extents(self, request: Request, context_id: int,
+                extents: Sequence[tuple[int, int]]) -> bytes:
+        # BLOCK_STATUS needs a metadata context, which needs chunked replies.
+        raise LocalProtocolError("no block status without structured replies")
+
+
+class StructuredFraming(Framing):
+    """Structured replies: READ data and errors in chunks; simple replies for the rest."""
+
+    read_headroom = OFFSET_DATA_HEADER.size
+
+    def pack_read_header(self, buffer: bytearray, request: Request) -> None:
+        pack_read_reply_header(buffer, request.cookie, request.offset, request.length, True)
+
+    def done(self, request: Request) -> bytes:
+        return simple_reply(request.cookie)
+
+    def empty_read(self, request: Request) -> bytes:
+        return none_chunk(request.cookie)  # a READ must not get a simple reply now
+
+    def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
+        return error_chunk(request.cookie, error, message, offset)
+
+    def extents(self, request: Request, context_id: int,
+                extents: Sequence[tuple[int, int]]) -> bytes:
+        return block_status_chunk(request.cookie, context_id, extents)
+
+
+class ExtendedFraming(Framing):
+    """Extended headers: every reply a 32-byte chunk header echoing the request's
+    offset; block status as 64-bit descriptors (BLOCK_STATUS_EXT)."""
+
+    read_headroom = EXTENDED_REPLY_HEADER.size + OFFSET.size
+    max_extent = 2**63
+
+    def pack_read_header(self, buffer: bytearray, request: Request) -> None:
+        EXTENDED_REPLY_HEADER.pack_into(
+            buffer, 0, EXTENDED_REPLY_MAGIC, DONE, ChunkType.OFFSET_DATA, request.cookie,
+            request.offset, OFFSET.size + request.length)
+        OFFSET.pack_into(buffer, EXTENDED_REPLY_HEADER.size, request.offset)
+
+    def done(self, request: Request) -> bytes:
+        return extended_chunk(DONE, ChunkType.NONE, request.cookie, request.offset)
+
+    empty_read = done
+
+    def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
+        chunk_type, body = error_body(error, message, offset)
+        return extended_chunk(DONE, chunk_type, request.cookie, request.offset, body)
+
+    def extents(self, request: Request, context_id: int,
+                extents: Sequence[tuple[int, int]]) -> bytes:
+        body = bytearray(BLOCK_STATUS_EXT_PREFIX.pack(context_id, len(extents)))
+        for length, status in extents:
+            body += EXTENDED_BLOCK_DESCRIPTOR.pack(length, status)
+        return extended_chunk(DONE, ChunkType.BLOCK_STATUS_EXT, request.cookie,
+                              request.offset, bytes(body))
+
+
+DONE = int(ReplyFlag.DONE)
+
+
+def framing_for(session: Negotiated) -> Framing:
+    if session.extended_headers:
+        return ExtendedFraming()
+    return StructuredFraming() if session.structured_replies else SimpleFraming()
 
 
 # --- The server's transmission machine ----------------------------------------------
@@ -273,13 +414,16 @@ class ServerTransmission(PayloadStream):
     def __init__(self, session: Negotiated, initial: bytes | bytearray = b"") -> None:
         super().__init__(initial)
         self.session = session
-        self.structured = session.structured_replies
+        self.framing = framing_for(session)
+        self.extended = session.extended_headers
+        self._header_format = EXTENDED_REQUEST_HEADER if self.extended else REQUEST_HEADER
+        self._magic = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
         self._state = _Receiving.HEADER
         self._pending: Request | None = None  # the WRITE whose payload is arriving
         self._refused_with = Errno.OK
         self._check = RequestCheck(session)
         #: Bytes to leave in front of READ data for the reply header (see `read_reply`).
-        self.read_headroom = read_reply_header_size(self.structured)
+        self.read_headroom = self.framing.read_headroom
 
     @property
     def closed(self) -> bool:
@@ -292,13 +436,14 @@ class ServerTransmission(PayloadStream):
         state = self._state
         source = self._input
         if state is _Receiving.HEADER:
-            if source.buffered >= REQUEST_HEADER.size:
-                magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(
+            header = self._header_format
+            if source.end - source.start >= header.size:
+                magic, flags, command, cookie, offset, length = header.unpack_from(
                     source.data, source.start)
-                source.consume(REQUEST_HEADER.size)
-                if magic != REQUEST_MAGIC:
+                source.consume(header.size)
+                if magic != self._magic:
                     raise RemoteProtocolError(f"bad request magic 0x{magic:08x}")
-                return self._header(Request(flags, command, cookie, offset, length))
+                return self._header(flags, command, cookie, offset, length)
         elif state is _Receiving.CLOSED:
             return EndOfStream() if self._ended else NEED_DATA
         elif self._sink_full():
@@ -316,31 +461,43 @@ class ServerTransmission(PayloadStream):
             return EndOfStream()
         return NEED_DATA
 
-    def _header(self, request: Request) -> TransmissionEvent | NeedData:
+    def _header(self, flags: int, command: int, cookie: int, offset: int,
+                length: int) -> TransmissionEvent | NeedData:
         """A request header arrived: refuse it, answer it, or wait for its payload."""
-        command = request.command
         if command == Command.DISC:
             self._state = _Receiving.CLOSED
             return Disconnect()
-        error = self._check(request)
-        if command == Command.WRITE:
+        if self.extended:
+            # PAYLOAD_LEN marks a payload. The spec wants it on every WRITE, but QEMU
+            # 10's client sends WRITE without it (seen here), and a WRITE's payload
+            # is there all the same: so WRITE always has one.
+            has_payload = command == Command.WRITE or bool(flags & PAYLOAD_LEN)
+            payload = length if has_payload else 0
+            if payload > MAX_PAYLOAD:  # the spec: disconnect rather than drain it
+                raise RemoteProtocolError(f"request payload of {payload} bytes")
+            request = Request(flags & ~PAYLOAD_LEN, command, cookie, offset, length)
+            # No other command takes a payload here (no block-status filtering).
+            misframed = command != Command.WRITE and has_payload
+            error = Errno.EINVAL if misframed else self._check(request)
+        else:
+            payload = length if command == Command.WRITE else 0
+            request = Request(flags, command, cookie, offset, length)
+            error = self._check(request)
+        if payload or (command == Command.WRITE and not error):
             if error:
                 self._state, self._pending = _Receiving.DISCARD, request
                 self._refused_with = error
-                self._sink(None, request.length)
+                self._sink(None, payload)
             else:
-                payload = bytearray(request.length)
+                data = bytearray(payload)
                 self._state = _Receiving.PAYLOAD
-                self._pending = Request(request.flags, command, request.cookie,
-                                        request.offset, request.length, payload)
-                self._sink(memoryview(payload), request.length)
+                self._pending = Request(request.flags, command, cookie, offset, length, data)
+                self._sink(memoryview(data), payload)
             return self.next_event()
         if error:
             return self._answer_error(request, error)
-        if command == Command.READ and not request.length:
-            reply = none_chunk(request.cookie) if self.structured else simple_reply(
-                request.cookie)
-            return RequestAnswered(request.cookie, command, Errno.OK, reply)
+        if command == Command.READ and not length:
+            return RequestAnswered(cookie, command, Errno.OK, self.framing.empty_read(request))
         return request
 
     def _answer_error(self, request: Request, error: Errno) -> RequestAnswered:
@@ -356,23 +513,22 @@ class ServerTransmission(PayloadStream):
             raise LocalProtocolError(
                 f"READ reply of {len(buffer) - self.read_headroom} bytes for a "
                 f"{request.length}-byte request")
-        pack_read_reply_header(buffer, request.cookie, request.offset, request.length,
-                               self.structured)
+        self.framing.pack_read_header(buffer, request)
         return buffer
 
     def done_reply(self, request: Request) -> bytes:
         """Success for any command but READ and BLOCK_STATUS."""
-        return simple_reply(request.cookie)
+        return self.framing.done(request)
 
     def error_reply(self, request: Request, error: Errno, message: str = "",
                     offset: int | None = None) -> bytes:
-        """Failure for any command; `offset` names the failing byte (structured only)."""
-        return error_reply(request.cookie, error, self.structured, message, offset)
+        """Failure for any command; `offset` names the failing byte (chunked replies)."""
+        return self.framing.error(request, error, message, offset)
 
     def block_status_length(self, request: Request) -> int:
-        """How much of a BLOCK_STATUS request to look up: one 32-bit descriptor's worth
-        at most (the client asks again for the rest)."""
-        return min(request.length, MAX_EXTENT_LENGTH)
+        """How much of a BLOCK_STATUS request to look up: what one descriptor can
+        carry at most (the client asks again for the rest)."""
+        return min(request.length, self.framing.max_extent)
 
     def block_status_reply(self, request: Request,
                            extents: Sequence[tuple[int, int]]) -> bytes:
@@ -383,4 +539,4 @@ class ServerTransmission(PayloadStream):
         if not extents:
             extents = [(max(self.block_status_length(request), 1), 0)]
         context_id = self.session.meta_contexts[0][0]
-        return block_status_chunk(request.cookie, context_id, extents)
+        return self.framing.extents(request, context_id, extents)

@@ -22,6 +22,8 @@ from construct import (
 )
 
 from .constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
@@ -125,6 +127,17 @@ Request = Struct(
     "length" / Int32ub,
 )
 
+# With extended headers: the length is 64 bits (a payload's with PAYLOAD_LEN, else
+# the effect length).
+ExtendedRequest = Struct(
+    "magic" / Const(EXTENDED_REQUEST_MAGIC, Int32ub),
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,
+    "length" / Int64ub,
+)
+
 SimpleReply = Struct(
     "magic" / Const(SIMPLE_REPLY_MAGIC, Int32ub),
     "error" / Int32ub,
@@ -137,6 +150,16 @@ ChunkHeader = Struct(
     "type" / Int16ub,
     "cookie" / Int64ub,
     "length" / Int32ub,
+)
+
+# With extended headers every reply is one of these; `offset` echoes the request's.
+ExtendedReplyHeader = Struct(
+    "magic" / Const(EXTENDED_REPLY_MAGIC, Int32ub),
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,
+    "length" / Int64ub,
 )
 
 OffsetDataChunk = Struct(
@@ -168,4 +191,14 @@ BlockDescriptor = Struct(
 BlockStatusChunk = Struct(
     "context_id" / Int32ub,
     "descriptors" / GreedyRange(BlockDescriptor),
+)
+
+ExtendedBlockDescriptor = Struct(
+    "length" / Int64ub,
+    "status_flags" / Int64ub,
+)
+
+BlockStatusExtChunk = Struct(
+    "context_id" / Int32ub,
+    "descriptors" / PrefixedArray(Int32ub, ExtendedBlockDescriptor),
 )

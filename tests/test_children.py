@@ -40,6 +40,7 @@ from peers_support import assert_same_bytes, connect, watchdog
 from support import (
     CORRUPT_OFFSET,
     NBDVERIFY,
+    ImagePair,
     RunningServer,
     make_pair,
     require_tool,
@@ -242,6 +243,29 @@ def test_nbd_uri_test_child(rig: Rig, tmp_path: Path, kind: str) -> None:
     assert_quiet(server)
     assert server.stop() == 0, server.stderr
     helper.stop()
+    assert_raw_has_the_writes(images.raw)
+    assert_same_bytes(images.test_bytes(), images.raw_bytes(), "TEST behind the URI vs RAW")
+
+
+@pytest.mark.parametrize(("inner_options", "framing"), [
+    ((), "extended headers"),
+    (("--no-extended-headers",), "structured replies"),
+])
+def test_an_nbdverify_child_is_spoken_to_with_extended_headers_where_offered(
+        rig: Rig, tmp_path: Path, inner_options: tuple[str, ...], framing: str) -> None:
+    """bookworm's qemu-nbd and nbdkit do not speak extended headers; our own server
+    does, so it is the bookworm-side peer for the child's 64-bit path."""
+    images = make_pair(tmp_path, size=16 * MiB)
+    inner_raw = tmp_path / "inner-raw.img"
+    inner_raw.write_bytes(images.test_bytes())
+    inner = rig.serve([str(inner_raw), str(images.test)], ImagePair(inner_raw, images.test),
+                      *inner_options)
+    server = rig.serve([str(images.raw), inner.uri], images, "-v")
+    assert f"test child {inner.uri}: {framing}" in server.stderr, server.stderr
+    write_read_compare(server, images.raw)
+    assert_quiet(server)
+    assert server.stop() == 0, server.stderr
+    assert inner.stop() == 0, inner.stderr
     assert_raw_has_the_writes(images.raw)
     assert_same_bytes(images.test_bytes(), images.raw_bytes(), "TEST behind the URI vs RAW")
 

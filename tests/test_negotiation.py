@@ -428,7 +428,6 @@ def test_list_refused_by_application() -> None:
         (0, b""),
         (2**32 - 1, b"\x00" * 3),
         (Option.PEEK_EXPORT, b""),
-        (Option.EXTENDED_HEADERS, b""),
     ],
 )
 def test_unsupported_option_then_go(number: int, payload: bytes) -> None:
