@@ -1,20 +1,24 @@
 """Helpers for the peer interop tests (tests/test_peers.py): sparse image pairs,
-cheap byte comparisons, a watchdog for in-process libnbd calls, and a minimal
+cheap byte comparisons, a watchdog for in-process libnbd calls, the two peer
+generations (bookworm's tools on the host, trixie's in a chroot), and a minimal
 hand-rolled NBD client for the one request libnbd will not send (> 64 MiB)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SYSTEM_PATH, ImagePair, RunningServer
+from support import SYSTEM_PATH, ImagePair, RunningServer, require_tool, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -110,6 +114,78 @@ def connect(uri: str, structured: bool = True, meta: bool = False,
     if not strict:
         handle.set_strict_mode(0)
     return handle
+
+
+# --- Peer generations: bookworm's tools on the host, trixie's in a chroot ----------
+
+REPO = Path(__file__).resolve().parent.parent
+TRIXIE_ROOT_BUILD = REPO / "scripts" / "trixie-root"
+TRIXIE_ROOT_TIMEOUT = 900.0  # the first build takes ~50 s here, most of it downloading
+GENERATIONS = ("bookworm", "trixie")
+# Where the tests keep images and sockets; a trixie peer sees it at the same path.
+SHARED = Path("/tmp")
+# Enters the root in a private mount namespace, where the host's /tmp is bound onto
+# ROOT/tmp (so a server's unix socket and the test's files have the same path on both
+# sides) and /proc is mounted; both mounts vanish with the process. exec keeps one
+# pid throughout, so terminating the peer terminates the tool itself.
+ENTER_ROOT = (
+    'root=$1; shift; mount --bind /tmp "$root/tmp" && mount -t proc proc "$root/proc" && '
+    'exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root '
+    'LANG=C.UTF-8 "$@"'
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One generation of peer tools. Tests take a `peer` and build every command
+    line through it, so one test body runs against both generations."""
+
+    generation: str
+    root: Path | None = None  # None: the host's own (bookworm) tools
+
+    def tool(self, name: str) -> list[str]:
+        """The command line prefix that runs `name`; a missing tool fails the test."""
+        if self.root is None:
+            return [require_tool(name)]
+        if not (self.root / "usr" / "bin" / name).exists():
+            pytest.fail(f"{name} is missing from the {self.generation} root {self.root} "
+                        "(scripts/trixie-root installs it)")
+        return [require_tool("unshare"), "--mount", "--", "/bin/sh", "-c", ENTER_ROOT,
+                "enter-root", str(self.root), name]
+
+    def run(self, name: str, *arguments: str, timeout: float = 60, check: bool = True,
+            **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return run([*self.tool(name), *arguments], timeout=timeout, check=check,
+                   env=SYSTEM_ENV, **kwargs)
+
+    def popen(self, name: str, *arguments: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*self.tool(name), *arguments], env=SYSTEM_ENV, **kwargs)
+
+
+BOOKWORM = Peer("bookworm")
+
+
+def build_trixie_root() -> Peer:
+    """The trixie peer, building its root if the cache lacks it (once per machine)."""
+    result = run([str(TRIXIE_ROOT_BUILD), "--quiet"], timeout=TRIXIE_ROOT_TIMEOUT)
+    return Peer("trixie", Path(result.stdout.strip().splitlines()[-1]))
+
+
+def require_shared(path: Path) -> None:
+    """A trixie peer sees only the host's /tmp: the test's files must be under it."""
+    if not path.resolve().is_relative_to(SHARED):
+        pytest.fail(f"{path} is not under {SHARED}, which the trixie root shares "
+                    "(do not move pytest's --basetemp elsewhere)")
+
+
+def negotiated_packets(peer: Peer, uri: str) -> str:
+    """What the peer's nbdinfo says it negotiated: 'simple', 'structured' or
+    'extended' (its `using ... packets` line; libnbd >= 1.18 can say extended)."""
+    result = peer.run("nbdinfo", "--no-content", uri, timeout=30)
+    match = re.search(r"using (\w+) packets", result.stdout)
+    if match is None:
+        pytest.fail(f"nbdinfo named no packet type:\n{result.stdout}")
+    return match.group(1)
 
 
 # --- A minimal NBD client, only for requests libnbd refuses to send --------------
