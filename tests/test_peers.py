@@ -69,6 +69,16 @@ def src_with_zero_hole(path: Path, size: int) -> bytes:
     return bytes(content)
 
 
+@pytest.mark.parametrize("tool, version", [
+    ("qemu-io", "qemu-io version 10."), ("qemu-img", "qemu-img version 10."),
+    ("qemu-system-x86_64", "QEMU emulator version 10."), ("nbdinfo", "libnbd 1.22."),
+    ("nbdkit", "nbdkit 1.42."), ("fio", "fio-3.39"),
+])
+def test_trixie_peers_are_todays(trixie: Peer, tool: str, version: str) -> None:
+    """The trixie generation really is today's tools, not the host's by mistake."""
+    assert version in trixie.run(tool, "--version", timeout=TOOL_TIMEOUT).stdout
+
+
 # --- qemu-io ---------------------------------------------------------------------
 
 
