@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SYSTEM_PATH, ImagePair, RunningServer, require_tool, run
+from support import SYSTEM_PATH, ImagePair, RunningServer, require_tool, run, terminate
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -163,6 +164,26 @@ class Peer:
 
 
 BOOKWORM = Peer("bookworm")
+
+NBDKIT_START_TIMEOUT = 15.0
+
+
+def start_nbdkit(peer: Peer, socket: Path, *arguments: str,
+                 stderr: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """`peer`'s nbdkit in the foreground on the unix socket `socket`, once it listens;
+    it exits with the test process if nobody stops it."""
+    process = peer.popen("nbdkit", "--exit-with-parent", "-f", "-U", str(socket), *arguments,
+                         stdin=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + NBDKIT_START_TIMEOUT
+    while not socket.exists():
+        if process.poll() is not None:
+            output = process.stderr.read() if process.stderr else b""
+            pytest.fail(f"nbdkit exited with {process.returncode}: {output!r}")
+        if time.monotonic() > deadline:
+            terminate(process)
+            pytest.fail("nbdkit did not start")
+        time.sleep(0.05)
+    return process
 
 
 def build_trixie_root() -> Peer:

@@ -5,13 +5,12 @@ or failing client side). Tests taking `peer` run with each peer generation."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers_support import Peer
-from support import ImagePair, RunningServer, make_pair, require_tool, run, start_server
+from peers_support import Peer, start_nbdkit
+from support import ImagePair, RunningServer, make_pair, require_tool, run, start_server, terminate
 
 MiB = 1024 * 1024
 
@@ -58,20 +57,9 @@ def start_nbdkit_proxy(directory: Path, target: RunningServer, filter_name: str,
     """nbdkit's nbd plugin forwarding to nbdverify, behind one filter."""
     assert target.socket is not None
     socket = directory / "proxy.sock"
-    process = peer.popen("nbdkit", "--exit-with-parent", "-f", "-U", str(socket),
-                         f"--filter={filter_name}", "nbd", f"socket={target.socket}",
-                         *parameters, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while not socket.exists():
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        assert time.monotonic() < deadline, "nbdkit did not start"
-        time.sleep(0.05)
+    process = start_nbdkit(peer, socket, f"--filter={filter_name}", "nbd",
+                           f"socket={target.socket}", *parameters)
     return process, f"nbd+unix:///?socket={socket}"
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=15)
 
 
 def test_through_nbdkit_with_a_delay_filter(tmp_path: Path, served: RunningServer,
@@ -85,7 +73,7 @@ def test_through_nbdkit_with_a_delay_filter(tmp_path: Path, served: RunningServe
                           timeout=60)
         assert "read 1048576/1048576" in result.stdout
     finally:
-        stop(proxy)
+        terminate(proxy)
     assert served.images.raw_bytes() == served.images.test_bytes()
     assert served.report_records() == []
 
@@ -107,6 +95,6 @@ def test_through_nbdkit_with_an_error_filter(tmp_path: Path, served: RunningServ
         assert failures > 0, "the error filter never fired: the test proves nothing"
         assert served.process.poll() is None
     finally:
-        stop(proxy)
+        terminate(proxy)
     assert served.images.raw_bytes() == served.images.test_bytes()
     assert served.report_records() == []
