@@ -69,3 +69,12 @@ def peer(request: pytest.FixtureRequest) -> Peer:
     if request.param == "bookworm":
         return BOOKWORM
     return request.getfixturevalue("trixie")  # type: ignore[no-any-return]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the trixie root: `pytest -m trixie` runs just those."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        by_peer = callspec is not None and callspec.params.get("peer") == "trixie"
+        if by_peer or "trixie" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.trixie)
