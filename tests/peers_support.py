@@ -121,19 +121,11 @@ def connect(uri: str, structured: bool = True, meta: bool = False,
 
 REPO = Path(__file__).resolve().parent.parent
 TRIXIE_ROOT_BUILD = REPO / "scripts" / "trixie-root"
+TRIXIE_RUN = REPO / "scripts" / "trixie-run"
 TRIXIE_ROOT_TIMEOUT = 900.0  # the first build takes ~50 s here, most of it downloading
 GENERATIONS = ("bookworm", "trixie")
-# Where the tests keep images and sockets; a trixie peer sees it at the same path.
+# Where the tests keep images and sockets; trixie-run shares it with the root.
 SHARED = Path("/tmp")
-# Enters the root in a private mount namespace, where the host's /tmp is bound onto
-# ROOT/tmp (so a server's unix socket and the test's files have the same path on both
-# sides) and /proc is mounted; both mounts vanish with the process. exec keeps one
-# pid throughout, so terminating the peer terminates the tool itself.
-ENTER_ROOT = (
-    'root=$1; shift; mount --bind /tmp "$root/tmp" && mount -t proc proc "$root/proc" && '
-    'exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root '
-    'LANG=C.UTF-8 "$@"'
-)
 
 
 @dataclass(frozen=True)
@@ -151,8 +143,7 @@ class Peer:
         if not (self.root / "usr" / "bin" / name).exists():
             pytest.fail(f"{name} is missing from the {self.generation} root {self.root} "
                         "(scripts/trixie-root installs it)")
-        return [require_tool("unshare"), "--mount", "--", "/bin/sh", "-c", ENTER_ROOT,
-                "enter-root", str(self.root), name]
+        return [str(TRIXIE_RUN), name]  # keeps the tool's pid: terminate() reaches it
 
     def run(self, name: str, *arguments: str, timeout: float = 60, check: bool = True,
             **kwargs: object) -> subprocess.CompletedProcess[str]:
