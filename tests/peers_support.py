@@ -122,7 +122,7 @@ def connect(uri: str, structured: bool = True, meta: bool = False,
 REPO = Path(__file__).resolve().parent.parent
 TRIXIE_ROOT_BUILD = REPO / "scripts" / "trixie-root"
 TRIXIE_RUN = REPO / "scripts" / "trixie-run"
-TRIXIE_ROOT_TIMEOUT = 900.0  # the first build takes ~50 s here, most of it downloading
+TRIXIE_ROOT_TIMEOUT = 900.0  # a build took 52-105 s here, most of it downloading
 GENERATIONS = ("bookworm", "trixie")
 # Where the tests keep images and sockets; trixie-run shares it with the root.
 SHARED = Path("/tmp")
