@@ -9,6 +9,7 @@ the same seed, read directly with the same requests in the same order, corrupts 
 same bits (stuck-bits depends on the seed and the offset; stuck-wires on the seed and
 the place in the reply; cosmic-rays on the seed and the sizes and order of the reads,
 which it serializes), so the test first checks that two direct readings agree.
+With --on-mismatch=error exactly the corrupted reads must fail.
 
 The error filter's failed reads are divergences, counted against the line nbdkit
 logs for each error it injects.
@@ -67,6 +68,16 @@ def nbdkit_child(peer: Peer, directory: Path, *arguments: str,
         terminate(process)
 
 
+def evil_arguments(pair: ImagePair, mode: str, seed: int) -> list[str]:
+    return ["--filter=evil", "file", str(pair.test), f"evil={mode}",
+            f"evil-probability={EVIL_PROBABILITY}", f"evil-seed={seed}"]
+
+
+def corrupted_reads(sectors: set[int]) -> set[int]:
+    """Which of read_serially's EVIL_CHUNK reads (by index) hold these sectors."""
+    return {sector * SECTOR // EVIL_CHUNK for sector in sectors}
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> ImagePair:
     # Random, so fully allocated: evil leaves holes alone.
@@ -77,8 +88,7 @@ def pair(tmp_path: Path) -> ImagePair:
                                         ("stuck-wires", 13)])
 def test_evil_corruption_is_caught_every_time_and_never_reaches_the_client(
         trixie: Peer, tmp_path: Path, pair: ImagePair, mode: str, seed: int) -> None:
-    evil = ["--filter=evil", "file", str(pair.test), f"evil={mode}",
-            f"evil-probability={EVIL_PROBABILITY}", f"evil-seed={seed}"]
+    evil = evil_arguments(pair, mode, seed)
     raw = pair.raw_bytes()
     readings = []
     for _ in range(2):
@@ -103,10 +113,39 @@ def test_evil_corruption_is_caught_every_time_and_never_reaches_the_client(
                 for sector in range(start // SECTOR, end // SECTOR)}
     assert reported == corrupted
     assert sum(record["differing_sectors"] for record in records) == len(corrupted)
-    corrupted_reads = {sector * SECTOR // EVIL_CHUNK for sector in corrupted}
     assert sorted(record["offset"] // EVIL_CHUNK for record in records) == sorted(
-        corrupted_reads)
+        corrupted_reads(corrupted))
     assert pair.test_bytes() == raw, "evil changes reads only, never the file"
+
+
+def test_evil_corrupted_reads_fail_under_on_mismatch_error(trixie: Peer, tmp_path: Path,
+                                                          pair: ImagePair) -> None:
+    """With --on-mismatch=error exactly the corrupted reads fail (EIO), the others
+    return RAW's bytes, and the connection carries on. stuck-bits corrupts the same
+    bits whatever the order of the reads, so one direct reading counts them."""
+    evil = evil_arguments(pair, "stuck-bits", 11)
+    raw = pair.raw_bytes()
+    with nbdkit_child(trixie, tmp_path, *evil) as uri:
+        expected = corrupted_reads(differing_sectors(read_serially(uri, EVIL_CHUNK), raw))
+    assert expected, "the filter corrupted nothing: this test would prove nothing"
+    failed = set()
+    with nbdkit_child(trixie, tmp_path, *evil) as uri:
+        server = start_server(tmp_path, pair, "--on-mismatch=error", test=uri)
+        try:
+            client = LibnbdClient(server.uri)
+            for index, offset in enumerate(range(0, SIZE, EVIL_CHUNK)):
+                try:
+                    data = client.pread(EVIL_CHUNK, offset)
+                except nbd.Error as error:
+                    assert error.errno == "EIO", error.string
+                    failed.add(index)
+                    continue
+                assert_same_bytes(data, raw[offset:offset + EVIL_CHUNK], f"read {index}")
+            client.handle.shutdown()
+        finally:
+            assert server.stop() == 0, server.stderr
+    assert failed == expected
+    assert len(server.report_records()) == len(expected)
 
 
 def test_error_filter_failures_are_divergences(trixie: Peer, tmp_path: Path,
