@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from peers_support import BOOKWORM, GENERATIONS, Peer, build_trixie_root, require_shared
 from support import STOP_TIMEOUT, ImagePair, Launcher, RunningServer, make_pair, start_server
 
 # In CI the property tests draw the same examples every run, so a red run means a
@@ -52,3 +53,28 @@ def launch(tmp_path: Path, images: ImagePair) -> Iterator[Launcher]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=STOP_TIMEOUT)
+
+
+@pytest.fixture(scope="session")
+def trixie(tmp_path_factory: pytest.TempPathFactory) -> Peer:
+    """Today's peers (QEMU 10, libnbd 1.22, nbdkit 1.42) from a cached trixie root,
+    built on first use: once per suite run, and once per machine while cached."""
+    require_shared(tmp_path_factory.getbasetemp())
+    return build_trixie_root()
+
+
+@pytest.fixture(params=GENERATIONS)
+def peer(request: pytest.FixtureRequest) -> Peer:
+    """Each peer generation in turn: the host's bookworm tools, then trixie's."""
+    if request.param == "bookworm":
+        return BOOKWORM
+    return request.getfixturevalue("trixie")  # type: ignore[no-any-return]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the trixie root: `pytest -m trixie` runs just those."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        by_peer = callspec is not None and callspec.params.get("peer") == "trixie"
+        if by_peer or "trixie" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.trixie)

@@ -1,20 +1,25 @@
 """Helpers for the peer interop tests (tests/test_peers.py): sparse image pairs,
-cheap byte comparisons, a watchdog for in-process libnbd calls, and a minimal
+cheap byte comparisons, a watchdog for in-process libnbd calls, the two peer
+generations (bookworm's tools on the host, trixie's in a chroot), and a minimal
 hand-rolled NBD client for the one request libnbd will not send (> 64 MiB)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SYSTEM_PATH, ImagePair, RunningServer
+from support import SYSTEM_PATH, ImagePair, RunningServer, require_tool, run, terminate
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -110,6 +115,89 @@ def connect(uri: str, structured: bool = True, meta: bool = False,
     if not strict:
         handle.set_strict_mode(0)
     return handle
+
+
+# --- Peer generations: bookworm's tools on the host, trixie's in a chroot ----------
+
+REPO = Path(__file__).resolve().parent.parent
+TRIXIE_ROOT_BUILD = REPO / "scripts" / "trixie-root"
+TRIXIE_RUN = REPO / "scripts" / "trixie-run"
+TRIXIE_ROOT_TIMEOUT = 900.0  # a build took 52-105 s here, most of it downloading
+GENERATIONS = ("bookworm", "trixie")
+# Where the tests keep images and sockets; trixie-run shares it with the root.
+SHARED = Path("/tmp")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One generation of peer tools. Tests take a `peer` and build every command
+    line through it, so one test body runs against both generations."""
+
+    generation: str
+    root: Path | None = None  # None: the host's own (bookworm) tools
+
+    def tool(self, name: str) -> list[str]:
+        """The command line prefix that runs `name`; a missing tool fails the test."""
+        if self.root is None:
+            return [require_tool(name)]
+        if not (self.root / "usr" / "bin" / name).exists():
+            pytest.fail(f"{name} is missing from the {self.generation} root {self.root} "
+                        "(scripts/trixie-root installs it)")
+        return [str(TRIXIE_RUN), name]  # keeps the tool's pid: terminate() reaches it
+
+    def run(self, name: str, *arguments: str, timeout: float = 60, check: bool = True,
+            **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return run([*self.tool(name), *arguments], timeout=timeout, check=check,
+                   env=SYSTEM_ENV, **kwargs)
+
+    def popen(self, name: str, *arguments: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*self.tool(name), *arguments], env=SYSTEM_ENV, **kwargs)
+
+
+BOOKWORM = Peer("bookworm")
+
+NBDKIT_START_TIMEOUT = 15.0
+
+
+def start_nbdkit(peer: Peer, socket: Path, *arguments: str,
+                 stderr: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """`peer`'s nbdkit in the foreground on the unix socket `socket`, once it listens;
+    it exits with the test process if nobody stops it."""
+    process = peer.popen("nbdkit", "--exit-with-parent", "-f", "-U", str(socket), *arguments,
+                         stdin=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + NBDKIT_START_TIMEOUT
+    while not socket.exists():
+        if process.poll() is not None:
+            output = process.stderr.read() if process.stderr else b""
+            pytest.fail(f"nbdkit exited with {process.returncode}: {output!r}")
+        if time.monotonic() > deadline:
+            terminate(process)
+            pytest.fail("nbdkit did not start")
+        time.sleep(0.05)
+    return process
+
+
+def build_trixie_root() -> Peer:
+    """The trixie peer, building its root if the cache lacks it (once per machine)."""
+    result = run([str(TRIXIE_ROOT_BUILD), "--quiet"], timeout=TRIXIE_ROOT_TIMEOUT)
+    return Peer("trixie", Path(result.stdout.strip().splitlines()[-1]))
+
+
+def require_shared(path: Path) -> None:
+    """A trixie peer sees only the host's /tmp: the test's files must be under it."""
+    if not path.resolve().is_relative_to(SHARED):
+        pytest.fail(f"{path} is not under {SHARED}, which the trixie root shares "
+                    "(do not move pytest's --basetemp elsewhere)")
+
+
+def negotiated_packets(peer: Peer, uri: str) -> str:
+    """What the peer's nbdinfo says it negotiated: 'simple', 'structured' or
+    'extended' (its `using ... packets` line; libnbd >= 1.18 can say extended)."""
+    result = peer.run("nbdinfo", "--no-content", uri, timeout=30)
+    match = re.search(r"using (\w+) packets", result.stdout)
+    if match is None:
+        pytest.fail(f"nbdinfo named no packet type:\n{result.stdout}")
+    return match.group(1)
 
 
 # --- A minimal NBD client, only for requests libnbd refuses to send --------------

@@ -102,13 +102,15 @@ def start_server(
     images: ImagePair,
     *extra: str,
     tcp: bool = False,
+    test: str | None = None,
 ) -> RunningServer:
-    """Start `nbdverify serve` and wait until it says it is serving."""
+    """Start `nbdverify serve` and wait until it says it is serving. `test` names
+    another TEST child (an NBD URI) in place of the pair's file."""
     stderr_path = directory / f"server-{time.monotonic_ns()}.log"
     report = directory / "report.jsonl"
     socket = None if tcp else directory / "nbd.sock"
     where = ["-p", "0"] if tcp else ["-U", str(socket)]
-    command = [NBDVERIFY, "serve", str(images.raw), str(images.test), *where,
+    command = [NBDVERIFY, "serve", str(images.raw), test or str(images.test), *where,
                "--report", str(report), *extra]
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL,

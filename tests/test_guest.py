@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from peers_support import BOOKWORM, Peer
 from support import ImagePair, RunningServer, require_tool, run, start_server
 
 pytestmark = pytest.mark.guest
@@ -67,13 +68,13 @@ def guest_image() -> Path:
 
 
 def boot(image: Path, directory: Path, task: str, *, disk: Path | None = None,
-         nbd_port: int | None = None, append: str = "") -> GuestRun:
-    """Run the guest once: its disk is the nbdverify unix socket `disk`, its network
-    (restrict=on) reaches only the server's loopback port `nbd_port`, forwarded to
-    10.0.2.100:10809. Returns when the guest powers off."""
+         nbd_port: int | None = None, append: str = "", peer: Peer = BOOKWORM) -> GuestRun:
+    """Run the guest once, under `peer`'s QEMU: its disk is the nbdverify unix socket
+    `disk`, its network (restrict=on) reaches only the server's loopback port
+    `nbd_port`, forwarded to 10.0.2.100:10809. Returns when the guest powers off."""
     log = directory / f"guest-{task}-{time.monotonic_ns()}.log"
     cmdline = (image / "cmdline").read_text().strip()
-    command = [require_tool("qemu-system-x86_64"), "-accel", "tcg", "-m", "512",
+    command = [*peer.tool("qemu-system-x86_64"), "-accel", "tcg", "-m", "512",
                "-nodefaults", "-display", "none", "-no-reboot", "-serial", f"file:{log}",
                "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
                "-append", f"{cmdline} nbdverify.task={task} {append}".strip()]
@@ -221,6 +222,26 @@ def test_corruption_logged_and_guest_gets_raw(guest_image: Path, installed: Inst
         records = server.report_records()
     booted.assert_ok()
     assert reported_sectors(records) == set(altered), (records, altered)
+
+
+def test_install_and_boot_under_qemu_10(guest_image: Path, trixie: Peer,
+                                        tmp_path: Path) -> None:
+    """The same install and boot, under trixie's QEMU 10 system emulator (once: the
+    guest's disk is QEMU's NBD client, so this covers its block layer end to end)."""
+    image = tmp_path / "guest"  # the trixie root sees the host's /tmp, not .cache/
+    shutil.copytree(guest_image, image)
+    pair = blank_pair(tmp_path / "disk", DISK_SIZE)
+    with served(tmp_path, pair) as server:
+        install = boot(image, tmp_path, "install", disk=server.socket, peer=trixie)
+        install.assert_ok()
+        assert any(m.startswith("GUEST-INSTALL:") for m in install.markers), install.log
+        booted = boot(image, tmp_path, "boot", disk=server.socket, append="root=/dev/vda1",
+                      peer=trixie)
+        booted.assert_ok()
+        assert "GUEST-FSCK: status 0" in booted.markers, booted.log
+        assert re.search(r"GUEST-VERIFY: ok=\d+ ioerror=0 badsum=0", booted.log), booted.log
+        assert server.report_records() == [], server.stderr
+    assert identical(pair), "RAW and TEST differ after install and boot under QEMU 10"
 
 
 def test_nbd_client_in_the_guest(guest_image: Path, tmp_path: Path) -> None:

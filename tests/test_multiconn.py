@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import nbd
+from peers_support import Peer
 from support import ImagePair, make_pair, require_tool, run, start_server
 
 MiB = 1024 * 1024
@@ -24,16 +25,15 @@ def test_multi_conn_is_advertised(tmp_path: Path, images: ImagePair) -> None:
         server.stop()
 
 
-def test_nbdcopy_uses_several_connections_both_ways(tmp_path: Path) -> None:
+def test_nbdcopy_uses_several_connections_both_ways(tmp_path: Path, peer: Peer) -> None:
     pair = make_pair(tmp_path, size=32 * MiB)
     source = tmp_path / "source.img"
     source.write_bytes(os.urandom(32 * MiB))
     server = start_server(tmp_path, pair, "-v")
     try:
-        nbdcopy = require_tool("nbdcopy")
-        run([nbdcopy, "--connections=4", "--flush", str(source), server.uri], timeout=120)
+        peer.run("nbdcopy", "--connections=4", "--flush", str(source), server.uri, timeout=120)
         copy = tmp_path / "copy.img"
-        run([nbdcopy, "--connections=4", server.uri, str(copy)], timeout=120)
+        peer.run("nbdcopy", "--connections=4", server.uri, str(copy), timeout=120)
     finally:
         assert server.stop() == 0
     assert pair.raw_bytes() == source.read_bytes()

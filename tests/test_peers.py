@@ -1,11 +1,16 @@
 """Interop with real NBD clients: qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh and
 python3-libnbd, each against a real `nbdverify serve` process. After each test RAW
-and TEST must be byte-identical and the server must have reported nothing."""
+and TEST must be byte-identical and the server must have reported nothing.
+
+Tests that take `peer` run once per peer generation: Debian bookworm's tools on the
+host (QEMU 7.2, libnbd 1.14) and Debian trixie's in a chroot (QEMU 10, libnbd 1.22);
+the in-process libnbd tests use the host's binding."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -14,22 +19,24 @@ from pathlib import Path
 import nbd
 import pytest
 from peers_support import (
+    BOOKWORM,
     CMD_READ,
     CMD_WRITE,
     MAX_REQUEST,
-    SYSTEM_ENV,
     Handle,
     KiB,
     MiB,
+    Peer,
     RawClient,
     assert_pair_identical,
     assert_same_bytes,
     assert_server_healthy,
     connect,
     make_sparse_pair,
+    negotiated_packets,
     watchdog,
 )
-from support import IMAGE_SIZE, ImagePair, RunningServer, require_tool, run, start_server
+from support import IMAGE_SIZE, ImagePair, RunningServer, start_server
 
 TOOL_TIMEOUT = 30.0
 LIBNBD_TIMEOUT = 20.0
@@ -42,8 +49,8 @@ def finish(server: RunningServer) -> bytes:
     return content
 
 
-def map_extents(uri: str) -> list[tuple[int, int, str]]:
-    result = run([require_tool("nbdinfo"), "--map", "--json", uri], timeout=TOOL_TIMEOUT)
+def map_extents(peer: Peer, uri: str) -> list[tuple[int, int, str]]:
+    result = peer.run("nbdinfo", "--map", "--json", uri, timeout=TOOL_TIMEOUT)
     return [(e["offset"], e["length"], e["description"]) for e in json.loads(result.stdout)]
 
 
@@ -62,18 +69,27 @@ def src_with_zero_hole(path: Path, size: int) -> bytes:
     return bytes(content)
 
 
+@pytest.mark.parametrize("tool, version", [
+    ("qemu-io", "qemu-io version 10."), ("qemu-img", "qemu-img version 10."),
+    ("qemu-system-x86_64", "QEMU emulator version 10."), ("nbdinfo", "libnbd 1.22."),
+    ("nbdkit", "nbdkit 1.42."), ("fio", "fio-3.39"),
+])
+def test_trixie_peers_are_todays(trixie: Peer, tool: str, version: str) -> None:
+    """The trixie generation really is today's tools, not the host's by mistake."""
+    assert version in trixie.run(tool, "--version", timeout=TOOL_TIMEOUT).stdout
+
+
 # --- qemu-io ---------------------------------------------------------------------
 
 
-def qemu_io_pattern_round_trip(server: RunningServer) -> None:
-    qemu_io = require_tool("qemu-io")
+def qemu_io_pattern_round_trip(server: RunningServer, peer: Peer) -> None:
     writes = [(0x5A, 12345, 300 * KiB + 7), (0xC3, 4 * MiB, MiB)]
     commands: list[str] = []
     for pattern, offset, length in writes:
         commands += ["-c", f"write -P {pattern:#x} {offset} {length}"]
     for pattern, offset, length in writes:
         commands += ["-c", f"read -P {pattern:#x} {offset} {length}"]
-    result = run([qemu_io, "-f", "raw", *commands, server.uri], timeout=TOOL_TIMEOUT)
+    result = peer.run("qemu-io", "-f", "raw", *commands, server.uri, timeout=TOOL_TIMEOUT)
     assert "Pattern verification failed" not in result.stdout, result.stdout
     for _, offset, length in writes:
         assert f"read {length}/{length} bytes at offset {offset}" in result.stdout, result.stdout
@@ -83,52 +99,51 @@ def qemu_io_pattern_round_trip(server: RunningServer) -> None:
                           f"pattern {pattern:#x} at {offset}")
 
 
-def test_qemu_io_pattern_over_unix_socket(server: RunningServer) -> None:
+def test_qemu_io_pattern_over_unix_socket(server: RunningServer, peer: Peer) -> None:
     assert server.uri.startswith("nbd+unix://")
-    qemu_io_pattern_round_trip(server)
+    qemu_io_pattern_round_trip(server, peer)
 
 
-def test_qemu_io_pattern_over_tcp(tcp_server: RunningServer) -> None:
+def test_qemu_io_pattern_over_tcp(tcp_server: RunningServer, peer: Peer) -> None:
     assert tcp_server.uri.startswith("nbd://")
-    qemu_io_pattern_round_trip(tcp_server)
+    qemu_io_pattern_round_trip(tcp_server, peer)
 
 
 # --- qemu-img --------------------------------------------------------------------
 
 
-def test_qemu_img_info(server: RunningServer) -> None:
+def test_qemu_img_info(server: RunningServer, peer: Peer) -> None:
     # No -f: qemu-img probes the format by reading the export.
-    result = run([require_tool("qemu-img"), "info", "--output=json", server.uri],
-                 timeout=TOOL_TIMEOUT)
+    result = peer.run("qemu-img", "info", "--output=json", server.uri, timeout=TOOL_TIMEOUT)
     info = json.loads(result.stdout)
     assert info["virtual-size"] == IMAGE_SIZE
     assert info["format"] == "raw"
     finish(server)
 
 
-def test_qemu_img_convert_out_of_export(server: RunningServer, tmp_path: Path) -> None:
+def test_qemu_img_convert_out_of_export(server: RunningServer, tmp_path: Path,
+                                        peer: Peer) -> None:
     out = tmp_path / "out.img"
-    run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", server.uri, str(out)],
-        timeout=TOOL_TIMEOUT)
+    peer.run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, str(out),
+             timeout=TOOL_TIMEOUT)
     assert_same_bytes(out.read_bytes(), finish(server), "converted copy vs RAW")
 
 
-def test_qemu_img_convert_into_export(server: RunningServer, tmp_path: Path) -> None:
+def test_qemu_img_convert_into_export(server: RunningServer, tmp_path: Path,
+                                      peer: Peer) -> None:
     src = tmp_path / "src.img"
     expected = src_with_zero_hole(src, IMAGE_SIZE)
-    qemu_img = require_tool("qemu-img")
-    run([qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(src), server.uri],
-        timeout=TOOL_TIMEOUT)
+    peer.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), server.uri,
+             timeout=TOOL_TIMEOUT)
     assert_same_bytes(finish(server), expected, "RAW vs source")
-    compare = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), server.uri],
-                  timeout=TOOL_TIMEOUT)
+    compare = peer.run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), server.uri,
+                       timeout=TOOL_TIMEOUT)
     assert "Images are identical" in compare.stdout
 
 
-def test_qemu_img_compare(server: RunningServer, tmp_path: Path) -> None:
-    qemu_img = require_tool("qemu-img")
-    same = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(server.images.raw),
-                server.uri], timeout=TOOL_TIMEOUT)
+def test_qemu_img_compare(server: RunningServer, tmp_path: Path, peer: Peer) -> None:
+    same = peer.run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(server.images.raw),
+                    server.uri, timeout=TOOL_TIMEOUT)
     assert same.returncode == 0
     assert "Images are identical" in same.stdout
     # The export's content really is compared: a copy with one byte changed differs.
@@ -136,8 +151,8 @@ def test_qemu_img_compare(server: RunningServer, tmp_path: Path) -> None:
     content = bytearray(server.images.raw_bytes())
     content[5 * MiB + 3] ^= 0xFF
     other.write_bytes(content)
-    differ = run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(other), server.uri],
-                 timeout=TOOL_TIMEOUT, check=False)
+    differ = peer.run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(other), server.uri,
+                      timeout=TOOL_TIMEOUT, check=False)
     assert differ.returncode == 1, differ.stdout + differ.stderr
     assert f"Content mismatch at offset {5 * MiB}" in differ.stdout, differ.stdout
     finish(server)
@@ -146,10 +161,10 @@ def test_qemu_img_compare(server: RunningServer, tmp_path: Path) -> None:
 # --- nbdinfo ---------------------------------------------------------------------
 
 
-def test_nbdinfo_list(tmp_path: Path, images: ImagePair) -> None:
+def test_nbdinfo_list(tmp_path: Path, images: ImagePair, peer: Peer) -> None:
     server = start_server(tmp_path, images, "-e", "disk0", "--description", "peer test disk")
     try:
-        result = run([require_tool("nbdinfo"), "--list", server.uri], timeout=TOOL_TIMEOUT)
+        result = peer.run("nbdinfo", "--list", server.uri, timeout=TOOL_TIMEOUT)
         assert 'export="disk0":' in result.stdout, result.stdout
         assert "description: peer test disk" in result.stdout, result.stdout
         assert f"export-size: {IMAGE_SIZE}" in result.stdout, result.stdout
@@ -158,8 +173,8 @@ def test_nbdinfo_list(tmp_path: Path, images: ImagePair) -> None:
         server.stop()
 
 
-def test_nbdinfo_json_fields(server: RunningServer) -> None:
-    result = run([require_tool("nbdinfo"), "--json", server.uri], timeout=TOOL_TIMEOUT)
+def test_nbdinfo_json_fields(server: RunningServer, peer: Peer) -> None:
+    result = peer.run("nbdinfo", "--json", server.uri, timeout=TOOL_TIMEOUT)
     info = json.loads(result.stdout)
     assert info["structured"] is True
     [export] = info["exports"]
@@ -172,15 +187,15 @@ def test_nbdinfo_json_fields(server: RunningServer) -> None:
     finish(server)
 
 
-def test_nbdinfo_map_sparse_then_written(tmp_path: Path) -> None:
+def test_nbdinfo_map_sparse_then_written(tmp_path: Path, peer: Peer) -> None:
     images = make_sparse_pair(tmp_path / "images", IMAGE_SIZE)
     server = start_server(tmp_path, images)
     try:
-        assert map_extents(server.uri) == [(0, IMAGE_SIZE, "hole,zero")]
+        assert map_extents(peer, server.uri) == [(0, IMAGE_SIZE, "hole,zero")]
         offset, length = 3 * MiB, 64 * KiB
-        run([require_tool("qemu-io"), "-f", "raw", "-c", f"write -P 0x11 {offset} {length}",
-             server.uri], timeout=TOOL_TIMEOUT)
-        extents = map_extents(server.uri)
+        peer.run("qemu-io", "-f", "raw", "-c", f"write -P 0x11 {offset} {length}", server.uri,
+                 timeout=TOOL_TIMEOUT)
+        extents = map_extents(peer, server.uri)
         assert describe_at(extents, offset) == "data"
         assert describe_at(extents, offset + length - 1) == "data"
         assert describe_at(extents, 0) == "hole,zero"
@@ -191,14 +206,15 @@ def test_nbdinfo_map_sparse_then_written(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_nbdinfo_map_hole_only_where_both_children_are_holes(tmp_path: Path) -> None:
+def test_nbdinfo_map_hole_only_where_both_children_are_holes(tmp_path: Path,
+                                                             peer: Peer) -> None:
     images = make_sparse_pair(tmp_path / "images", IMAGE_SIZE)
     with images.test.open("r+b") as f:  # allocated zeroes in TEST only
         f.seek(2 * MiB)
         f.write(bytes(MiB))
     server = start_server(tmp_path, images)
     try:
-        extents = map_extents(server.uri)
+        extents = map_extents(peer, server.uri)
         assert describe_at(extents, 2 * MiB) == "data", extents
         assert describe_at(extents, 3 * MiB - 1) == "data", extents
         assert describe_at(extents, 0) == "hole,zero", extents
@@ -208,19 +224,18 @@ def test_nbdinfo_map_hole_only_where_both_children_are_holes(tmp_path: Path) -> 
         server.stop()
 
 
-def test_nbdinfo_map_random_image_is_data(server: RunningServer) -> None:
-    assert map_extents(server.uri) == [(0, IMAGE_SIZE, "data")]
+def test_nbdinfo_map_random_image_is_data(server: RunningServer, peer: Peer) -> None:
+    assert map_extents(peer, server.uri) == [(0, IMAGE_SIZE, "data")]
     finish(server)
 
 
-def test_nbdinfo_content(server: RunningServer) -> None:
+def test_nbdinfo_content(server: RunningServer, peer: Peer) -> None:
     # Random content is whatever file(1) guesses (once "OpenPGP Public Key"), so
     # first give the export a gzip header, written by another client (nbdsh).
     gzip_header = "1f8b0800000000000003"
-    run([require_tool("nbdsh"), "-u", server.uri,
-         "-c", f"h.pwrite(bytes.fromhex('{gzip_header}'), 0)"],
-        timeout=TOOL_TIMEOUT, env=SYSTEM_ENV)
-    result = run([require_tool("nbdinfo"), "--content", server.uri], timeout=TOOL_TIMEOUT)
+    peer.run("nbdsh", "-u", server.uri, "-c", f"h.pwrite(bytes.fromhex('{gzip_header}'), 0)",
+             timeout=TOOL_TIMEOUT)
+    result = peer.run("nbdinfo", "--content", server.uri, timeout=TOOL_TIMEOUT)
     assert "content: gzip compressed data" in result.stdout, result.stdout
     assert finish(server).startswith(bytes.fromhex(gzip_header))
 
@@ -228,16 +243,26 @@ def test_nbdinfo_content(server: RunningServer) -> None:
 # --- nbdcopy ---------------------------------------------------------------------
 
 
-def test_nbdcopy_out_of_export(server: RunningServer, tmp_path: Path) -> None:
+def test_nbdinfo_negotiates_structured_or_extended_replies(server: RunningServer,
+                                                          peer: Peer) -> None:
+    """libnbd >= 1.18 asks for extended headers first; until nbdverify offers them it
+    falls back to structured replies. Which one, negotiated_packets says."""
+    packets = negotiated_packets(peer, server.uri)
+    allowed = {"structured"} if peer == BOOKWORM else {"structured", "extended"}
+    assert packets in allowed, packets
+    finish(server)
+
+
+def test_nbdcopy_out_of_export(server: RunningServer, tmp_path: Path, peer: Peer) -> None:
     out = tmp_path / "out.img"
-    run([require_tool("nbdcopy"), server.uri, str(out)], timeout=TOOL_TIMEOUT)
+    peer.run("nbdcopy", server.uri, str(out), timeout=TOOL_TIMEOUT)
     assert_same_bytes(out.read_bytes(), finish(server), "nbdcopy output vs RAW")
 
 
-def test_nbdcopy_into_export(server: RunningServer, tmp_path: Path) -> None:
+def test_nbdcopy_into_export(server: RunningServer, tmp_path: Path, peer: Peer) -> None:
     src = tmp_path / "src.img"
     expected = src_with_zero_hole(src, IMAGE_SIZE)
-    run([require_tool("nbdcopy"), "--flush", str(src), server.uri], timeout=TOOL_TIMEOUT)
+    peer.run("nbdcopy", "--flush", str(src), server.uri, timeout=TOOL_TIMEOUT)
     assert_same_bytes(finish(server), expected, "RAW vs nbdcopy source")
 
 
@@ -471,22 +496,35 @@ def test_libnbd_many_commands_in_flight(handle: Handle, server: RunningServer) -
         assert content[offset:offset + chunk] == data
 
 
+# --- python3-libnbd as a process of each generation ------------------------------
+
+LIBNBD_PEER = Path(__file__).with_name("libnbd_peer.py")
+
+
+def test_python3_libnbd_as_a_peer_process(server: RunningServer, peer: Peer) -> None:
+    result = peer.run("python3", "-", server.uri, input=LIBNBD_PEER.read_text(),
+                      timeout=TOOL_TIMEOUT)
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["structured"] or seen["extended"], seen
+    content = finish(server)
+    assert seen["sha256"] == hashlib.sha256(content).hexdigest(), "client's view is not RAW"
+
+
 # --- nbdsh -----------------------------------------------------------------------
 
 
-def test_nbdsh_zero_trim_flush(server: RunningServer) -> None:
-    nbdsh = require_tool("nbdsh")
+def test_nbdsh_zero_trim_flush(server: RunningServer, peer: Peer) -> None:
     original = server.images.raw_bytes()
-    result = run(
-        [nbdsh, "-u", server.uri,
-         "-c", f"h.zero({MiB}, {MiB})",
-         "-c", f"h.zero({64 * KiB}, {3 * MiB + 1}, nbd.CMD_FLAG_NO_HOLE)",
-         "-c", f"h.trim({MiB}, {5 * MiB})",
-         "-c", "h.flush()",
-         "-c", f"assert h.pread({MiB}, {MiB}) == bytes({MiB})",
-         "-c", f"assert len(h.pread({MiB}, {5 * MiB})) == {MiB}",
-         "-c", "print('nbdsh done')"],
-        timeout=TOOL_TIMEOUT, env=SYSTEM_ENV,
+    result = peer.run(
+        "nbdsh", "-u", server.uri,
+        "-c", f"h.zero({MiB}, {MiB})",
+        "-c", f"h.zero({64 * KiB}, {3 * MiB + 1}, nbd.CMD_FLAG_NO_HOLE)",
+        "-c", f"h.trim({MiB}, {5 * MiB})",
+        "-c", "h.flush()",
+        "-c", f"assert h.pread({MiB}, {MiB}) == bytes({MiB})",
+        "-c", f"assert len(h.pread({MiB}, {5 * MiB})) == {MiB}",
+        "-c", "print('nbdsh done')",
+        timeout=TOOL_TIMEOUT,
     )
     assert "nbdsh done" in result.stdout
     content = finish(server)
