@@ -157,7 +157,8 @@ class InThread:
         return self._finished.is_set()
 
     def __await__(self) -> Generator[Any, None, None]:
-        yield from self._finished.wait().__await__()
+        if self._result is None:  # (Event.wait yields even when set: only if needed)
+            yield from self._finished.wait().__await__()
         assert self._result is not None
         error = self._result.unwrap()
         if error is not None:

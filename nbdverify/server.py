@@ -72,6 +72,9 @@ HANDSHAKE_TIMEOUT_SECONDS = 60.0
 # Queued replies are sent once this much is waiting (or sooner, whenever the next
 # step would wait).
 REPLY_BATCH_BYTES = 256 * 1024
+# A receiver that always finds bytes waiting still yields this often, so that the
+# tasks sending child requests and completing replies are never starved.
+FAIR_RECEIVES = 16
 # When the server stops, a connection closes once no request came for this long.
 DRAIN_IDLE_SECONDS = 0.5
 # How long in-flight requests may take to finish once the connection must close.
@@ -391,6 +394,7 @@ class Transmission:
         self._in_order: deque[tuple[Request, Operation[Any], int]] = deque()
         self._more_in_order = trio.Event()
         self._waiting: trio.CancelScope | None = None  # the wait for the next request
+        self._unyielding = 0  # receives in a row that found bytes without waiting
         self._tasks: trio.Nursery | None = None
         self._closing = False  # no more requests will come: finish and end
 
@@ -439,14 +443,26 @@ class Transmission:
             return False
         await self.output.send()  # about to wait for the client: send what is ready
         machine = self.machine
+        view = machine.receive_buffer()
+        count = self._transport.receive_now(view)
+        if count is not None and self._unyielding < FAIR_RECEIVES:
+            # Bytes were there: no cancel scope, no trip through the scheduler.
+            self._unyielding += 1
+            machine.received(count)
+            return True
+        self._unyielding = 0
+        if count is not None:
+            machine.received(count)
+            await trio.lowlevel.checkpoint()  # let the other tasks run now and then
+            return True
         if self.server.stopping.is_set():
             with trio.move_on_after(DRAIN_IDLE_SECONDS):
-                machine.received(await self._transport.receive_into(machine.receive_buffer()))
+                machine.received(await self._transport.receive_into(view))
                 return True
             return False
         try:
             with trio.CancelScope() as self._waiting:
-                machine.received(await self._transport.receive_into(machine.receive_buffer()))
+                machine.received(await self._transport.receive_into(view))
                 return True
         finally:
             self._waiting = None

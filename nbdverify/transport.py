@@ -38,6 +38,13 @@ def sent_so_far(buffers: list[memoryview], count: int) -> list[memoryview]:
     return rest
 
 
+def receive_now(fd: int, view: memoryview) -> int | None:
+    try:
+        return os.readv(fd, [view])
+    except BlockingIOError:
+        return None
+
+
 class Transport:
     def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers,
                  fd: int | None = None) -> None:
@@ -47,7 +54,21 @@ class Transport:
 
     @classmethod
     def over_socket(cls, sock: trio.socket.SocketType) -> Transport:
-        return cls(sock.recv_into, sock.sendmsg, sock.fileno())
+        fd = sock.fileno()
+
+        async def receive_into(view: memoryview) -> int:
+            while True:
+                count = receive_now(fd, view)
+                if count is not None:
+                    return count
+                await trio.lowlevel.wait_readable(fd)
+
+        return cls(receive_into, sock.sendmsg, fd)
+
+    def receive_now(self, view: memoryview) -> int | None:
+        """What has arrived, without waiting (0 at end of stream); None if nothing
+        has, or this is not a plain socket. Like `send_now`, no scheduler trip."""
+        return None if self._fd is None else receive_now(self._fd, view)
 
     def send_now(self, buffers: list[memoryview]) -> list[memoryview]:
         """Send what the kernel takes without waiting; what is left (on a plain
