@@ -13,6 +13,8 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from peers_support import (
     negotiated_packets,
     watchdog,
 )
-from support import IMAGE_SIZE, ImagePair, Launcher, RunningServer, start_server
+from support import IMAGE_SIZE, ImagePair, Launcher, RunningServer, start_server, terminate
 
 TOOL_TIMEOUT = 30.0
 LIBNBD_TIMEOUT = 20.0
@@ -616,3 +618,33 @@ def test_server_refuses_request_over_64_mib(big_server: RunningServer,
     finally:
         client.close()
     assert_same_bytes(finish(server), big_content, "RAW after refused requests")
+
+
+# --- The NBD-child client against each generation's qemu-nbd ------------------------
+
+
+def test_qemu_nbd_test_child_is_spoken_to_in_its_newest_framing(
+        tmp_path: Path, images: ImagePair, peer: Peer) -> None:
+    """TEST as an NBD URI to the generation's own qemu-nbd: QEMU 10's speaks
+    extended headers to our NBD-child client, QEMU 7.2's structured replies."""
+    socket = tmp_path / "qemu-nbd.sock"
+    child = peer.popen("qemu-nbd", "-f", "raw", "-t", "-k", str(socket), str(images.test),
+                       stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TOOL_TIMEOUT
+        while not socket.exists():
+            assert child.poll() is None, "qemu-nbd exited"
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
+        server = start_server(tmp_path, images, "-v", test=f"nbd+unix:///?socket={socket}")
+        framing = "structured replies" if peer == BOOKWORM else "extended headers"
+        assert f"test child nbd+unix:///?socket={socket}: {framing}" in server.stderr, \
+            server.stderr
+        result = peer.run("qemu-io", "-f", "raw", "-c", "write -P 0x77 65536 131072",
+                          "-c", "write -z 1048576 65536", "-c", "read -P 0x77 65536 131072",
+                          "-c", "read -P 0 1048576 65536", server.uri, timeout=TOOL_TIMEOUT)
+        assert "Pattern verification failed" not in result.stdout, result.stdout
+        assert server.stop() == 0, server.stderr
+    finally:
+        terminate(child)
+    assert_same_bytes(images.test_bytes(), images.raw_bytes(), "TEST behind qemu-nbd vs RAW")
