@@ -140,12 +140,26 @@ class MemoryBudget:
             self._lot.unpark_all()
 
 
+@dataclass(slots=True)
+class _Unsent:
+    """A batch of replies the kernel has not taken whole yet, and what it holds."""
+
+    buffers: list[memoryview]
+    charges: int
+    slots: int
+
+
 class ReplyOutput:
     """The one owner of a connection's outgoing replies: queued as requests finish,
-    sent in batches (one sendmsg per batch, not one send per reply: two sends per
-    reply halve the IOPS), in one order. A request's memory charge and in-flight
-    slot are given back once its reply has left, so a client that never reads
-    replies cannot make the server hold more than the budget."""
+    sent in batches (one writev per batch, not one send per reply: two sends per
+    reply halve the IOPS), in one order.
+
+    A batch goes straight to the kernel when it takes it (no task, no wait). What
+    it does not take (a 1 MiB READ reply, a client slow to read) is left to this
+    output's sender task, so the receiving task goes on to the next request's reads
+    meanwhile. A request's memory charge and in-flight slot are given back once its
+    reply has left, so a client that never reads replies cannot make the server
+    hold more than the budget."""
 
     def __init__(self, transport: Transport, memory: MemoryBudget,
                  in_flight: trio.Semaphore) -> None:
@@ -156,7 +170,10 @@ class ReplyOutput:
         self._charges = 0  # memory held by the queued replies
         self._slots = 0  # in-flight slots held by them
         self.queued_bytes = 0
-        self._lock = trio.Lock()
+        self._unsent: deque[_Unsent] = deque()  # oldest first; the sender's work
+        self._more_unsent = trio.Event()
+        self._all_sent = trio.Event()
+        self._all_sent.set()
 
     def queue(self, reply: bytes | bytearray, charge: int = 0, slot: bool = False) -> None:
         self._queued.append(reply)
@@ -168,25 +185,52 @@ class ReplyOutput:
     def full(self) -> bool:
         return self.queued_bytes >= REPLY_BATCH_BYTES
 
-    async def send(self) -> None:
-        """Send everything queued, in one call where the kernel takes it."""
+    def send(self) -> None:
+        """Send everything queued, now if the kernel takes it, else behind what is
+        still unsent; never waits."""
         if not self._queued:
             return
-        batch, charges, slots = self._queued, self._charges, self._slots
+        batch = _Unsent([memoryview(reply) for reply in self._queued], self._charges,
+                        self._slots)
         self._queued, self._charges, self._slots, self.queued_bytes = [], 0, 0, 0
-        try:
-            if not self._lock.locked():
-                self._lock.acquire_nowait()  # acquire() would yield every time
-            else:
-                await self._lock.acquire()
-            try:
-                await self._transport.send_all(batch)
-            finally:
-                self._lock.release()
-        finally:
-            self._memory.release(charges)
-            for _ in range(slots):
-                self._in_flight.release()
+        if not self._unsent:
+            batch.buffers = self._transport.send_now(batch.buffers)
+            if not batch.buffers:
+                self._release(batch)
+                return
+            self._all_sent = trio.Event()
+            self._more_unsent.set()
+        self._unsent.append(batch)
+
+    def _release(self, batch: _Unsent) -> None:
+        self._memory.release(batch.charges)
+        for _ in range(batch.slots):
+            self._in_flight.release()
+
+    async def sent(self) -> None:
+        """Until every reply handed to `send` has left."""
+        await self._all_sent.wait()
+
+    async def run_sender(self) -> None:
+        """The task that sends what the kernel did not take at once (until cancelled)."""
+        while True:
+            await self._more_unsent.wait()
+            self._more_unsent = trio.Event()
+            await self._send_unsent()
+            self._all_sent.set()
+
+    async def _send_unsent(self) -> None:
+        while self._unsent:
+            batch = self._unsent[0]
+            while batch.buffers:
+                batch.buffers = await self._transport.send_more(batch.buffers)
+            self._unsent.popleft()
+            self._release(batch)
+
+    async def send_all_now(self) -> None:
+        """At the end, once the sender has stopped: whatever is unsent or queued."""
+        self.send()
+        await self._send_unsent()
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,26 +444,33 @@ class Transmission:
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as tasks:
-                self._tasks = tasks
-                watching = trio.CancelScope()
-                tasks.start_soon(self._stop_reading_when_told, watching)
-                tasks.start_soon(self._complete_in_order)
-                try:
-                    await self._receive_requests()
-                finally:
-                    # Requests in flight finish (bounded), then the connection closes.
-                    watching.cancel()
-                    self._closing = True
-                    self._more_in_order.set()
-                    tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+            async with trio.open_nursery() as sending:
+                sending.start_soon(self.output.run_sender)
+                async with trio.open_nursery() as tasks:
+                    self._tasks = tasks
+                    watching = trio.CancelScope()
+                    tasks.start_soon(self._stop_reading_when_told, watching)
+                    tasks.start_soon(self._complete_in_order)
+                    try:
+                        await self._receive_requests()
+                    finally:
+                        # Requests in flight finish (bounded), then the connection closes.
+                        watching.cancel()
+                        self._closing = True
+                        self._more_in_order.set()
+                        tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+                # Every request is answered: let the replies leave, then stop the sender.
+                self.output.send()
+                with trio.move_on_after(CLOSE_GRACE_SECONDS):
+                    await self.output.sent()
+                sending.cancel_scope.cancel()
         finally:
             self._abandon_in_order()
             with trio.CancelScope(shield=True) as last:
                 last.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                          OSError):
-                    await self.output.send()
+                    await self.output.send_all_now()
 
     async def _stop_reading_when_told(self, watching: trio.CancelScope) -> None:
         """Wake the wait for the next request when the export stops (mismatch) or
@@ -441,7 +492,7 @@ class Transmission:
         """
         if self.device.policy.stopped.is_set():
             return False
-        await self.output.send()  # about to wait for the client: send what is ready
+        self.output.send()  # about to wait for the client: send what is ready
         machine = self.machine
         view = machine.receive_buffer()
         count = self._transport.receive_now(view)
@@ -493,7 +544,7 @@ class Transmission:
             reply = await self._finish(request, operation)  # does not wait: ready
             self.output.queue(reply, charge, slot=True)
             if self.output.full:
-                await self.output.send()
+                self.output.send()
         elif operation.waits_long:
             assert self._tasks is not None
             self._tasks.start_soon(self._complete, request, operation, charge)
@@ -510,11 +561,11 @@ class Transmission:
         try:
             self._in_flight.acquire_nowait()  # acquire() would yield every time
         except trio.WouldBlock:
-            await self.output.send()  # our own queued replies hold slots: free them first
+            self.output.send()  # our own queued replies hold slots: free them first
             await self._in_flight.acquire()
         charge = self._memory.try_acquire(wanted)
         if charge is None:
-            await self.output.send()
+            self.output.send()
             charge = await self._memory.acquire(wanted)
         return charge
 
@@ -568,7 +619,7 @@ class Transmission:
         output = self.output
         output.queue(reply, charge, slot=True)
         if output.full or not (self._in_order and self._in_order[0][1].ready):
-            await output.send()
+            output.send()
 
     async def _complete_in_order(self) -> None:
         while True:

@@ -107,6 +107,15 @@ class Transport:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_all([data])
 
+    async def send_more(self, buffers: list[memoryview]) -> list[memoryview]:
+        """Wait until more can be sent, send it; what is left. Cancelled, nothing is
+        lost: what it returns (or was given) is exactly what has not been sent."""
+        if self._fd is None:
+            await self._send_buffers(buffers)  # a stream sends all (or breaks)
+            return []
+        await trio.lowlevel.wait_writable(self._fd)
+        return self.send_now(buffers)
+
     async def send_all(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send every byte of every buffer, in order, in as few calls as the kernel takes."""
         pending = self.send_now([memoryview(buffer) for buffer in buffers if len(buffer)])
