@@ -43,6 +43,9 @@ class Change:
     wall_time: float
     monotonic_time: float
     data: bytes | bytearray | memoryview | None = None
+    #: A child failed the request: RAW (the reference) or TEST may not hold it.
+    raw_failed: bool = False
+    test_failed: bool = False
 
 
 class ChangeObserver(Protocol):

@@ -113,13 +113,15 @@ class VerifiedDevice:
 
     def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
                  origin: Origin | None,
-                 data: bytes | bytearray | memoryview | None = None) -> None:
-        """Number a change both children completed and tell the observers."""
+                 data: bytes | bytearray | memoryview | None = None, *,
+                 raw: ChildError | None = None, test: ChildError | None = None) -> None:
+        """Number a change both children completed (`raw`, `test`: unless one failed
+        it) and tell the observers."""
         self._changes += 1
         if not self.observers:
             return
         change = Change(self._changes, kind, offset, length, flags, origin, time.time(),
-                        time.monotonic(), data)
+                        time.monotonic(), data, raw is not None, test is not None)
         for observer in self.observers:
             observer.changed(change)
 
@@ -256,7 +258,7 @@ class VerifiedDevice:
                 raw, test = await self._start_both(lambda child: child.post_write(data, offset))
             self._unverified.remove(offset, offset + length)
             self._changed(ChangeKind.WRITE, offset, length, CommandFlag.FUA if fua else 0,
-                          origin, data)
+                          origin, data, raw=raw, test=test)
             self._settle("write", offset, length, raw, test)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
@@ -273,7 +275,8 @@ class VerifiedDevice:
                     concurrent=fua,
                 )
             self._unverified.remove(offset, offset + length)
-            self._changed(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin)
+            self._changed(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin,
+                          raw=raw, test=test)
             self._settle("write_zeroes", offset, length, raw, test)
 
     async def _fast_zero(self, offset: int, length: int, may_trim: bool,
@@ -304,14 +307,15 @@ class VerifiedDevice:
                 lambda child: child.trim(offset, length, fua), concurrent=fua
             )
             self._unverified.add(offset, offset + length)
-            self._changed(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0, origin)
+            self._changed(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0, origin,
+                          raw=raw, test=test)
             self._settle("trim", offset, length, raw, test)
 
     async def flush(self, origin: Origin | None = None) -> None:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
         self.statistics.flushes += 1
         (_, raw), (_, test) = await self._on_both(lambda child: child.flush(), concurrent=True)
-        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
+        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, raw=raw, test=test)
         self._settle("flush", 0, 0, raw, test)
 
     async def cache(self, offset: int, length: int) -> None:
