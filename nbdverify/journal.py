@@ -1,11 +1,11 @@
 """The write journal: `serve --journal FILE` records every change; `journal show`
 prints them.
 
-The recorder is a change observer on the event loop. Per change it only copies the
-write's data and queues plain values (~1 us); a writer thread packs, checksums
-(CRC-32 of 4 KiB: 1.7 us, kept off the loop) and appends them in batches, and
-fdatasyncs the journal after a batch that holds a FLUSH, so the journal is about as
-durable as what the guest flushed. The event loop never waits on the file.
+The recorder is a change observer on the event loop. Per change it only places the
+record (header and data) in a batch buffer; a writer thread checksums the batch's
+records, appends the batch in one write, and fdatasyncs the journal after a batch
+that holds a FLUSH, so the journal is about as durable as what the guest flushed.
+The event loop never waits on the file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -37,24 +36,25 @@ from .journal_format import (
     JournalReader,
     Record,
     RecordKind,
-    encode_fields,
     encode_header,
+    pack_record_into,
+    seal_record,
 )
 from .log import log_event
 from .nbd_child import is_nbd_uri
 
 _KINDS = {ChangeKind.WRITE: RecordKind.WRITE, ChangeKind.WRITE_ZEROES: RecordKind.WRITE_ZEROES,
           ChangeKind.TRIM: RecordKind.TRIM, ChangeKind.FLUSH: RecordKind.FLUSH}
-#: The writer thread wakes this often, or sooner once this much is queued.
-WRITE_INTERVAL = 0.05
-WAKE_BACKLOG = 4 * 1024 * 1024
-#: More than this queued and not yet written: the disk cannot keep up, so recording
-#: stops (with a note) rather than the server's memory growing without bound.
+#: The writer thread takes what was recorded this often.
+WRITE_INTERVAL = 0.02
+#: Records are placed in batch buffers of this size, reused: a fresh bytes object
+#: per write costs ~1 us more (new memory) than copying into a warm buffer.
+BATCH_SIZE = 4 * 1024 * 1024
+#: More than this recorded and not yet written: the disk cannot keep up, so
+#: recording stops (with a note) rather than the server's memory growing unbounded.
 MAX_BACKLOG = 256 * 1024 * 1024
 #: Room kept under the cap for the note that says recording stopped.
 NOTE_ROOM = RECORD_OVERHEAD + 512
-
-_Queued = tuple[int, int, int, int, int, int, int, int, float, float, bytes]
 
 
 class JournalError(Exception):
@@ -72,8 +72,31 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) << (10 * " kmgt".index(match.group(2).lower() or " "))
 
 
+class _Batch:
+    """Records placed one after another, checksums still to be written."""
+
+    __slots__ = ("buffer", "ends", "flushes", "used")
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+        self.used = 0
+        self.ends: list[int] = []
+        self.flushes = False
+
+    def clear(self) -> None:
+        self.used = 0
+        self.ends.clear()
+        self.flushes = False
+
+
 class JournalRecorder:
-    """A change observer that appends every change to a journal file."""
+    """A change observer that appends every change to a journal file.
+
+    The event loop packs each record into the current batch buffer (~1 us for a
+    4 KiB write: a struct.pack_into and a memcpy, under an uncontended lock); the
+    writer thread swaps the batch out every WRITE_INTERVAL, adds the checksums, writes
+    it in one call and fdatasyncs if it holds a FLUSH.
+    """
 
     def __init__(self, path: str, header: JournalHeader, max_size: int | None = None) -> None:
         self.path = path
@@ -82,12 +105,15 @@ class JournalRecorder:
         if max_size is not None and len(encoded) + NOTE_ROOM > max_size:
             raise JournalError(f"--journal-max-size {max_size} leaves no room for records")
         try:
-            self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+            self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by the thread)
             self._file.write(encoded)
         except OSError as error:
             raise JournalError(f"cannot write journal {path}: {error.strerror or error}") from None
-        self._queue: deque[_Queued] = deque()
-        #: Bytes handed to the writer (event loop) and written by it (thread).
+        self._lock = threading.Lock()
+        self._batch = _Batch(BATCH_SIZE)
+        self._full: deque[_Batch] = deque()
+        self._spare: list[_Batch] = []
+        #: Bytes recorded (event loop) and written to the file (writer thread).
         self._queued = self._written = len(encoded)
         self._stopped: str | None = None
         self._wake = threading.Event()
@@ -95,14 +121,12 @@ class JournalRecorder:
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
 
-    # --- The event loop's side: cheap, never waits -------------------------------------
+    # --- The event loop's side: cheap, never waits on the file ---------------------------
 
     def changed(self, change: Change) -> None:
         if self._stopped is not None:
             return
-        payload = b""
-        if change.kind is ChangeKind.WRITE and change.data is not None:
-            payload = bytes(change.data)
+        payload = change.data if change.kind is ChangeKind.WRITE and change.data else b""
         size = RECORD_OVERHEAD + len(payload)
         if self.max_size is not None and self._queued + size + NOTE_ROOM > self.max_size:
             self.stop(change.sequence, f"the journal reached its cap of {self.max_size} bytes")
@@ -113,14 +137,27 @@ class JournalRecorder:
         origin = change.origin
         failed = (FAILED_RAW if change.raw_failed else 0) | (FAILED_TEST if change.test_failed
                                                              else 0)
-        self._queue.append((_KINDS[change.kind], failed, change.flags, change.sequence,
-                            change.offset, change.length,
-                            NO_CONNECTION if origin is None else origin.connection,
-                            0 if origin is None else origin.cookie,
-                            change.wall_time, change.monotonic_time, payload))
+        self._put(_KINDS[change.kind], failed, change.flags, change.sequence, change.offset,
+                  change.length, NO_CONNECTION if origin is None else origin.connection,
+                  0 if origin is None else origin.cookie, change.wall_time,
+                  change.monotonic_time, payload)
+
+    def _put(self, kind: RecordKind, failed: int, flags: int, sequence: int, offset: int,
+             count: int, connection: int, cookie: int, wall: float, monotonic: float,
+             payload: bytes | bytearray | memoryview) -> None:
+        size = RECORD_OVERHEAD + len(payload)
+        with self._lock:
+            batch = self._batch
+            if batch.used + size > len(batch.buffer):
+                self._full.append(batch)
+                batch = self._batch = (self._spare.pop() if self._spare and size <= BATCH_SIZE
+                                       else _Batch(max(BATCH_SIZE, size)))
+            batch.used = pack_record_into(batch.buffer, batch.used, kind, failed, flags,
+                                          sequence, offset, count, connection, cookie, wall,
+                                          monotonic, payload)
+            batch.ends.append(batch.used)
+            batch.flushes = batch.flushes or kind is RecordKind.FLUSH
         self._queued += size
-        if self._queued - self._written > WAKE_BACKLOG:
-            self._wake.set()
 
     def stop(self, sequence: int, reason: str) -> None:
         """Stop recording, once: say so in the log and, as the last record, in the journal."""
@@ -130,9 +167,8 @@ class JournalRecorder:
         text = f"recording stopped before sequence {sequence}: {reason}"
         log_event(logging.WARNING, "journal-stopped", f"journal {self.path}: {text}",
                   sequence=sequence)
-        self._queue.append((RecordKind.NOTE, 0, 0, sequence, 0, 0, NO_CONNECTION, 0,
-                            time.time(), time.monotonic(), text.encode()))
-        self._wake.set()
+        self._put(RecordKind.NOTE, 0, 0, sequence, 0, 0, NO_CONNECTION, 0, time.time(),
+                  time.monotonic(), text.encode())
 
     @property
     def stopped(self) -> str | None:
@@ -140,7 +176,7 @@ class JournalRecorder:
         return self._stopped
 
     def close(self) -> None:
-        """Write what is queued and close the file. Blocks: call from a thread."""
+        """Write what is recorded and close the file. Blocks: call from a thread."""
         self._closing = True
         self._wake.set()
         self._thread.join()
@@ -151,10 +187,19 @@ class JournalRecorder:
         try:
             while True:
                 self._wake.wait(WRITE_INTERVAL)
-                self._wake.clear()
                 closing = self._closing
-                self._append(self._drain())
-                if closing and not self._queue:
+                with self._lock:
+                    if self._batch.used:
+                        self._full.append(self._batch)
+                        self._batch = self._spare.pop() if self._spare else _Batch(BATCH_SIZE)
+                while self._full:
+                    batch = self._full.popleft()
+                    self._write(batch)
+                    batch.clear()
+                    if len(batch.buffer) == BATCH_SIZE:
+                        with self._lock:
+                            self._spare.append(batch)
+                if closing:
                     break
         except OSError as error:
             self._stopped = self._stopped or "write failed"
@@ -164,25 +209,17 @@ class JournalRecorder:
         finally:
             self._file.close()
 
-    def _drain(self) -> Iterator[_Queued]:
-        while self._queue:
-            yield self._queue.popleft()
-
-    def _append(self, batch: Iterable[_Queued]) -> None:
-        flushed = False
-        written = 0
-        chunks = []
-        for fields in batch:
-            chunks.append(encode_fields(*fields))
-            written += len(chunks[-1])
-            flushed = flushed or fields[0] == RecordKind.FLUSH
-        if not chunks:
-            return
-        self._file.write(b"".join(chunks))
-        self._file.flush()
-        if flushed:
+    def _write(self, batch: _Batch) -> None:
+        start = 0
+        for end in batch.ends:
+            seal_record(batch.buffer, start, end)
+            start = end
+        view = memoryview(batch.buffer)[:batch.used]
+        while view:
+            view = view[self._file.write(view) or 0:]
+        if batch.flushes:
             os.fdatasync(self._file.fileno())
-        self._written += written
+        self._written += batch.used
 
 
 def record_device(device: VerifiedDevice, path: str, max_size: int | None,
@@ -263,7 +300,7 @@ def describe(record: Record) -> str:
     flags = _flag_names(record)
     who = "" if record.connection is None else (f" conn {record.connection} "
                                                 f"cookie {record.cookie:#x}")
-    return f"{head}{where}{' ' + ','.join(flags) if flags else ''}{who}"
+    return f"{head}{where}{' ' + ','.join(flags) if flags else ''}{who}".rstrip()
 
 
 def as_json(record: Record) -> dict[str, Any]:

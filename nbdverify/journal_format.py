@@ -9,11 +9,11 @@ File header::
     length    u32       M, the length of the metadata that follows
     metadata  M bytes   UTF-8 JSON object: "size" (the export's size in bytes),
                         "raw" and "test" (where the children were), "export", "created"
-    crc32     u32       CRC-32 of every header byte before it
+    checksum  u64       XXH3-64 of every header byte before it
 
-Record (60 bytes plus its payload)::
+Record (64 bytes plus its payload)::
 
-    length      u32   the whole record, these 4 bytes and the crc32 included
+    length      u32   the whole record, these 4 bytes and the checksum included
     kind        u8    1 write, 2 write_zeroes, 3 trim, 4 flush, 5 note
     failed      u8    bit 0: RAW failed the request, bit 1: TEST failed it
     flags       u16   the request's NBD command flags (FUA 1, NO_HOLE 2, FAST_ZERO 16)
@@ -25,10 +25,12 @@ Record (60 bytes plus its payload)::
     wall        f64   completion time, seconds since the epoch
     monotonic   f64   completion time, CLOCK_MONOTONIC seconds
     payload           write: the `count` bytes written; note: UTF-8 text; else empty
-    crc32       u32   CRC-32 of every record byte before it
+    checksum    u64   XXH3-64 of every record byte before it (XXH3 rather than CRC-32:
+                      0.7 us for a 4 KiB record instead of 1.7 us, on the writer thread
+                      but under the GIL, so it slows the event loop all the same)
 
 Records appear in the order both children completed the requests. A server killed
-mid-append leaves a torn tail: a record cut short, or one whose CRC does not match.
+mid-append leaves a torn tail: a record cut short, or one whose checksum does not match.
 Every reader stops at the first such record and reports where (`JournalReader.torn`);
 the records before it are whole and are used. A note record says why recording
 stopped (the size cap was reached, the writer failed); nothing follows it.
@@ -40,10 +42,11 @@ import enum
 import io
 import json
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+
+from xxhash import xxh3_64_intdigest
 
 MAGIC = b"NBDVJNL\n"
 VERSION = 1
@@ -53,8 +56,9 @@ FAILED_TEST = 2
 
 _HEADER_START = struct.Struct("<8sII")
 _RECORD = struct.Struct("<IBBHQQIIQdd")
-_CRC = struct.Struct("<I")
-RECORD_OVERHEAD = _RECORD.size + _CRC.size
+_CHECKSUM = struct.Struct("<Q")
+_LENGTH = struct.Struct("<I")
+RECORD_OVERHEAD = _RECORD.size + _CHECKSUM.size
 #: A record longer than this is damage, not data (NBD requests are below 4 GiB).
 MAX_RECORD = RECORD_OVERHEAD + 0xFFFF_FFFF
 _MAX_METADATA = 1 << 20
@@ -125,23 +129,36 @@ class TornTail:
 def encode_header(header: JournalHeader) -> bytes:
     metadata = json.dumps(header.metadata(), sort_keys=True).encode()
     start = _HEADER_START.pack(MAGIC, VERSION, len(metadata)) + metadata
-    return start + _CRC.pack(zlib.crc32(start))
+    return start + _CHECKSUM.pack(xxh3_64_intdigest(start))
 
 
 def encode_record(record: Record) -> bytes:
-    return encode_fields(record.kind, record.failed, record.flags, record.sequence,
-                         record.offset, record.count,
-                         NO_CONNECTION if record.connection is None else record.connection,
-                         record.cookie, record.wall_time, record.monotonic_time, record.payload)
+    buffer = bytearray(RECORD_OVERHEAD + len(record.payload))
+    pack_record_into(buffer, 0, record.kind, record.failed, record.flags, record.sequence,
+                     record.offset, record.count,
+                     NO_CONNECTION if record.connection is None else record.connection,
+                     record.cookie, record.wall_time, record.monotonic_time, record.payload)
+    seal_record(buffer, 0, len(buffer))
+    return bytes(buffer)
 
 
-def encode_fields(kind: int, failed: int, flags: int, sequence: int, offset: int, count: int,
-                  connection: int, cookie: int, wall: float, monotonic: float,
-                  payload: bytes) -> bytes:
-    """One record from plain values: the writer thread's path, with no Record made."""
-    head = _RECORD.pack(RECORD_OVERHEAD + len(payload), kind, failed, flags, sequence, offset,
-                        count, connection, cookie, wall, monotonic)
-    return head + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+def pack_record_into(buffer: bytearray, at: int, kind: int, failed: int, flags: int,
+                     sequence: int, offset: int, count: int, connection: int, cookie: int,
+                     wall: float, monotonic: float,
+                     payload: bytes | bytearray | memoryview) -> int:
+    """Place a record at `at` in `buffer`, all but its checksum (`seal_record` adds it
+    later, off the event loop); returns where the record ends."""
+    size = RECORD_OVERHEAD + len(payload)
+    _RECORD.pack_into(buffer, at, size, kind, failed, flags, sequence, offset, count,
+                      connection, cookie, wall, monotonic)
+    buffer[at + _RECORD.size:at + size - _CHECKSUM.size] = payload
+    return at + size
+
+
+def seal_record(buffer: bytearray, start: int, end: int) -> None:
+    """Write the checksum of the record placed at buffer[start:end]."""
+    _CHECKSUM.pack_into(buffer, end - _CHECKSUM.size,
+                   xxh3_64_intdigest(memoryview(buffer)[start:end - _CHECKSUM.size]))
 
 
 def _read_exact(stream: BinaryIO, count: int) -> bytes:
@@ -166,10 +183,10 @@ def read_header(stream: BinaryIO) -> JournalHeader:
     if length > _MAX_METADATA:
         raise JournalFormatError(f"damaged journal header (metadata of {length} bytes)")
     metadata = _read_exact(stream, length)
-    crc = _read_exact(stream, _CRC.size)
-    if len(metadata) < length or len(crc) < _CRC.size:
+    checksum = _read_exact(stream, _CHECKSUM.size)
+    if len(metadata) < length or len(checksum) < _CHECKSUM.size:
         raise JournalFormatError("journal header cut short")
-    if _CRC.unpack(crc)[0] != zlib.crc32(start + metadata):
+    if _CHECKSUM.unpack(checksum)[0] != xxh3_64_intdigest(start + metadata):
         raise JournalFormatError("damaged journal header (checksum mismatch)")
     try:
         fields = json.loads(metadata)
@@ -181,15 +198,15 @@ def read_header(stream: BinaryIO) -> JournalHeader:
 
 
 def decode_record(data: bytes) -> Record:
-    """One whole record (its length field through its CRC); ValueError if damaged."""
+    """One whole record (its length field through its checksum); ValueError if damaged."""
     if len(data) < RECORD_OVERHEAD:
         raise ValueError("record cut short")
     (length, kind, failed, flags, sequence, offset, count, connection, cookie, wall,
      monotonic) = _RECORD.unpack_from(data)
     if length != len(data):
         raise ValueError(f"record length {length} where {len(data)} bytes were given")
-    body = memoryview(data)[:-_CRC.size]
-    if _CRC.unpack_from(data, len(data) - _CRC.size)[0] != zlib.crc32(body):
+    body = memoryview(data)[:-_CHECKSUM.size]
+    if _CHECKSUM.unpack_from(data, len(data) - _CHECKSUM.size)[0] != xxh3_64_intdigest(body):
         raise ValueError("checksum mismatch")
     try:
         record_kind = RecordKind(kind)
@@ -220,17 +237,17 @@ class JournalReader:
 
     def __iter__(self) -> Iterator[Record]:
         while True:
-            start = _read_exact(self.stream, 4)
+            start = _read_exact(self.stream, _LENGTH.size)
             if not start:
                 return
-            if len(start) < 4:
+            if len(start) < _LENGTH.size:
                 self._tear("record cut short")
                 return
-            length = _CRC.unpack(start)[0]
+            length = _LENGTH.unpack(start)[0]
             if not RECORD_OVERHEAD <= length <= MAX_RECORD:
                 self._tear(f"bad record length {length}")
                 return
-            rest = _read_exact(self.stream, length - 4)
+            rest = _read_exact(self.stream, length - _LENGTH.size)
             try:
                 record = decode_record(start + rest)
             except ValueError as error:
