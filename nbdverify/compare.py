@@ -23,6 +23,7 @@ from nbdverify_protocol.constants import AllocationState
 
 from .children import Child
 from .images import open_image, run_offline
+from .journal import sector_span
 
 SECTOR = 512
 #: 8 MiB pieces: 2 GiB of page-cached raw files compare at ~1.7 GiB/s (4 MiB: same,
@@ -198,11 +199,6 @@ class Comparer:
         self.progress.update(piece.length)
 
 
-def _sectors(start: int, end: int) -> str:
-    first, last = start // SECTOR, (end - 1) // SECTOR
-    return f"sector {first}" if first == last else f"sectors {first}-{last}"
-
-
 def report(args: argparse.Namespace, result: Comparison) -> None:
     if args.json:
         print(json.dumps({
@@ -225,7 +221,7 @@ def report(args: argparse.Namespace, result: Comparison) -> None:
         total = sum(end - start for start, end in result.ranges)
         print(f"{len(result.ranges)} differing ranges, {total} bytes:")
         for start, end in result.ranges:
-            print(f"  {_sectors(start, end)} (offset {start}, {end - start} bytes)")
+            print(f"  {sector_span(start, end)} (offset {start}, {end - start} bytes)")
 
 
 async def compare(args: argparse.Namespace) -> int:

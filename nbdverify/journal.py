@@ -287,6 +287,12 @@ def _timestamp(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1e6):06d}Z"
 
 
+def sector_span(start: int, end: int) -> str:
+    """`sector N` or `sectors N-M` for the bytes start..end-1."""
+    first, last = start // 512, (max(end, start + 1) - 1) // 512
+    return f"sector {first}" if first == last else f"sectors {first}-{last}"
+
+
 def describe(record: Record) -> str:
     """One line for people."""
     head = f"{record.sequence:>8} {_timestamp(record.wall_time)} {record.kind.name.lower():<12}"
@@ -294,9 +300,8 @@ def describe(record: Record) -> str:
         return f"{head} {record.note}"
     where = ""
     if record.touches_data:
-        last = (record.end - 1) // 512 if record.count else record.offset // 512
         where = (f" offset {record.offset} length {record.count}"
-                 f" (sectors {record.offset // 512}-{last})")
+                 f" ({sector_span(record.offset, record.end)})")
     flags = _flag_names(record)
     who = "" if record.connection is None else (f" conn {record.connection} "
                                                 f"cookie {record.cookie:#x}")
