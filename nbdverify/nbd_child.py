@@ -119,6 +119,7 @@ class NbdChild:
         self._outbox_ready = trio.Event()
         self._outbox_empty = trio.Event()
         self._lost: str | None = None
+        self._disconnecting = False
         #: Stops what this child owns (a qemu-nbd we started), after disconnecting.
         self.owned_cleanup: Callable[[], Awaitable[None]] | None = None
 
@@ -207,6 +208,8 @@ class NbdChild:
 
     def _lose(self, reason: str) -> None:
         """The connection is gone: fail everything waiting, and all that follows."""
+        if self._lost is None and self._disconnecting:
+            self._lost = "closed"  # the server hung up after our NBD_CMD_DISC, as it should
         if self._lost is None:
             self._lost = reason
             log_event(logging.ERROR, "child-lost", f"{self.name} child {self.location}: "
@@ -372,6 +375,7 @@ class NbdChild:
     async def aclose(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close."""
         if self._lost is None:
+            self._disconnecting = True
             self._post(build_request(Command.DISC, 0, 0, 0))
             with trio.move_on_after(5):
                 await self._outbox_empty.wait()
