@@ -21,14 +21,14 @@ import json
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from nbdverify_protocol.constants import CommandFlag
 
 from .children import Child
 from .images import ImageError, open_image, run_offline
-from .journal import open_journal
+from .journal import open_journal, sector_span
 from .journal_format import FAILED_TEST, JournalHeader, Record, RecordKind
 
 BLOCK = 512
@@ -66,13 +66,37 @@ class Violation:
     block: int
     detail: str
     lost_sequence: int | None = None
+    #: Consecutive blocks with the same violation, reported as one range.
+    blocks: int = 1
+
+    def follows(self, other: Violation) -> bool:
+        return (other.block + other.blocks == self.block and other.kind == self.kind
+                and other.detail == self.detail)
+
+    def describe(self) -> str:
+        start, length = self.block * BLOCK, self.blocks * BLOCK
+        return (f"{self.kind}: {sector_span(start, start + length)} (offset {start}, "
+                f"{length} bytes): {self.detail}")
 
     def as_json(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"kind": self.kind, "sector": self.block,
-                                 "offset": self.block * BLOCK, "detail": self.detail}
+        entry: dict[str, Any] = {"kind": self.kind, "first_sector": self.block,
+                                 "last_sector": self.block + self.blocks - 1,
+                                 "offset": self.block * BLOCK, "length": self.blocks * BLOCK,
+                                 "detail": self.detail}
         if self.lost_sequence is not None:
             entry["lost_sequence"] = self.lost_sequence
         return entry
+
+
+def merge(violations: list[Violation]) -> list[Violation]:
+    """Runs of neighbouring blocks with the same violation, as ranges."""
+    merged: list[Violation] = []
+    for violation in sorted(violations, key=lambda v: v.block):
+        if merged and violation.follows(merged[-1]):
+            merged[-1] = replace(merged[-1], blocks=merged[-1].blocks + 1)
+        else:
+            merged.append(violation)
+    return merged
 
 
 class Model:
@@ -243,6 +267,7 @@ async def crashcheck(args: argparse.Namespace) -> int:
             if reader.torn is not None:
                 outcome.torn = reader.describe_torn()
             await check(test, reference, model, outcome, reference_is_base=bool(args.base))
+    outcome.violations = merge(outcome.violations)
     report(args, outcome)
     return EXIT_VIOLATIONS if outcome.violations else EXIT_CONSISTENT
 
@@ -256,10 +281,9 @@ def report(args: argparse.Namespace, outcome: Outcome) -> None:
                           "violations": [v.as_json() for v in outcome.violations]}))
         return
     for violation in outcome.violations:
-        print(f"{violation.kind}: sector {violation.block} (offset {violation.block * BLOCK}): "
-              f"{violation.detail}")
-    verdict = (f"{len(outcome.violations)} violations" if outcome.violations
-               else "no violations")
+        print(violation.describe())
+    count = len(outcome.violations)
+    verdict = f"{count} violation{'' if count == 1 else 's'}" if count else "no violations"
     print(f"{verdict}: {outcome.records} records, {outcome.written_blocks} sectors written, "
           f"checked against {args.base or 'RAW'}")
 

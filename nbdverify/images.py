@@ -48,10 +48,7 @@ def run_offline(command: Callable[[], Awaitable[int]]) -> int:
         # Errors raised inside a nursery arrive wrapped in exception groups.
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
-        if isinstance(error, ImageError | JournalError):
-            print(f"nbdverify: {error}", file=sys.stderr)
-            return EXIT_ERROR
-        if isinstance(error, ChildError):
+        if isinstance(error, ImageError | JournalError | ChildError):
             print(f"nbdverify: {error}", file=sys.stderr)
             return EXIT_ERROR
         raise

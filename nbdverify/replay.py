@@ -85,8 +85,8 @@ async def replay(args: argparse.Namespace) -> int:
         print(f"nbdverify: {reader.describe_torn()}", file=sys.stderr)
     if note is not None:
         print(f"nbdverify: the journal says: {note}", file=sys.stderr)
-    summary = (f"replayed {applied} records (up to sequence {last}, {flushes_seen} flushes) "
-               f"onto {args.onto}")
+    summary = (f"replayed {applied} records (up to sequence {last}, {flushes_seen} "
+               f"flush{'' if flushes_seen == 1 else 'es'}) onto {args.onto}")
     if stop.until is None and stop.flushes is None:
         print(f"nbdverify: {summary}", file=sys.stderr)
         return EXIT_OK

@@ -104,9 +104,10 @@ def test_crashcheck_finds_no_violation_then_a_lost_write_then_garbage(tmp_path: 
     status, out, err = crashcheck(journal, lost, base)
     assert status == 1, out + err
     sector = FLUSHED[1] // 512
-    assert out.splitlines()[0] == (f"lost-write: sector {sector} (offset {FLUSHED[1]}): holds "
-                                   "the starting content; durable write 2 is lost")
-    assert "1 violations" in out
+    assert out.splitlines() == [
+        f"lost-write: sector {sector} (offset {FLUSHED[1]}, 512 bytes): holds the starting "
+        "content; durable write 2 is lost",
+        "1 violation: 7 records, 32 sectors written, checked against " + str(base)]
 
     garbage = tmp_path / "garbage.qcow2"
     shutil.copyfile(crashed, garbage)
@@ -114,7 +115,7 @@ def test_crashcheck_finds_no_violation_then_a_lost_write_then_garbage(tmp_path: 
     result = nbdverify("crashcheck", str(journal), str(garbage), "--base", str(base), "--json")
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert [(v["kind"], v["sector"]) for v in report["violations"]] == [
+    assert [(v["kind"], v["first_sector"]) for v in report["violations"]] == [
         ("garbage", (FLUSHED[2] + 1024) // 512)]
 
     changed = tmp_path / "changed.qcow2"
