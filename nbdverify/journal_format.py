@@ -248,6 +248,9 @@ class JournalReader:
                 self._tear(f"bad record length {length}")
                 return
             rest = _read_exact(self.stream, length - _LENGTH.size)
+            if len(rest) < length - _LENGTH.size:
+                self._tear(f"a {length}-byte record cut short")
+                return
             try:
                 record = decode_record(start + rest)
             except ValueError as error:
