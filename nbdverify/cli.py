@@ -433,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.children = parse_images(args.images)
         if args.tls != TlsMode.OFF.value and not args.tls_certificates:
             raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
+        if args.journal_max_size is not None and not args.journal:
+            raise UsageError("--journal-max-size needs --journal FILE")
     except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -153,3 +153,17 @@ def test_the_cap_is_logged_once_and_the_server_keeps_serving_and_verifying(
     rows = lines(nbdverify("journal", "show", str(journal)).stdout)
     assert "recording stopped before sequence" in rows[-1]
     assert "cap of 65536 bytes" in rows[-1]
+
+
+def test_journal_options_that_cannot_work_are_one_line_errors(images: ImagePair,
+                                                              tmp_path: Path) -> None:
+    pair = [str(images.raw), str(images.test), "-U", str(tmp_path / "s.sock")]
+    unwritable = nbdverify("serve", *pair, "--journal", str(tmp_path / "no" / "j"))
+    assert unwritable.returncode == 1
+    assert unwritable.stderr == (f"nbdverify: cannot write journal {tmp_path / 'no' / 'j'}: "
+                                 "No such file or directory\n")
+    alone = nbdverify("serve", *pair, "--journal-max-size", "1G")
+    assert alone.returncode == 2
+    assert alone.stderr == "nbdverify: error: --journal-max-size needs --journal FILE\n"
+    not_journal = nbdverify("journal", "show", str(images.raw))
+    assert not_journal.returncode == 2 and "not an nbdverify journal" in not_journal.stderr
