@@ -126,25 +126,25 @@ class JournalRecorder:
     def changed(self, change: Change) -> None:
         if self._stopped is not None:
             return
-        payload = change.data if change.kind is ChangeKind.WRITE and change.data else b""
-        size = RECORD_OVERHEAD + len(payload)
-        if self.max_size is not None and self._queued + size + NOTE_ROOM > self.max_size:
+        kind = _KINDS[change.kind]
+        payload = change.data if kind is RecordKind.WRITE and change.data is not None else b""
+        queued = self._queued + RECORD_OVERHEAD + len(payload)
+        if self.max_size is not None and queued + NOTE_ROOM > self.max_size:
             self.stop(change.sequence, f"the journal reached its cap of {self.max_size} bytes")
-            return
-        if self._queued - self._written > MAX_BACKLOG:
+        elif queued - self._written > MAX_BACKLOG:
             self.stop(change.sequence, f"the writer fell {MAX_BACKLOG} bytes behind")
-            return
-        origin = change.origin
-        failed = (FAILED_RAW if change.raw_failed else 0) | (FAILED_TEST if change.test_failed
-                                                             else 0)
-        self._put(_KINDS[change.kind], failed, change.flags, change.sequence, change.offset,
-                  change.length, NO_CONNECTION if origin is None else origin.connection,
-                  0 if origin is None else origin.cookie, change.wall_time,
-                  change.monotonic_time, payload)
+        else:
+            origin = change.origin
+            self._place(kind, (FAILED_RAW if change.raw_failed else 0)
+                        | (FAILED_TEST if change.test_failed else 0), change.flags,
+                        change.sequence, change.offset, change.length,
+                        NO_CONNECTION if origin is None else origin.connection,
+                        0 if origin is None else origin.cookie, change.wall_time,
+                        change.monotonic_time, payload)
 
-    def _put(self, kind: RecordKind, failed: int, flags: int, sequence: int, offset: int,
-             count: int, connection: int, cookie: int, wall: float, monotonic: float,
-             payload: bytes | bytearray | memoryview) -> None:
+    def _place(self, kind: RecordKind, failed: int, flags: int, sequence: int, offset: int,
+               count: int, connection: int, cookie: int, wall: float, monotonic: float,
+               payload: bytes | bytearray | memoryview) -> None:
         size = RECORD_OVERHEAD + len(payload)
         with self._lock:
             batch = self._batch
@@ -156,7 +156,8 @@ class JournalRecorder:
                                           sequence, offset, count, connection, cookie, wall,
                                           monotonic, payload)
             batch.ends.append(batch.used)
-            batch.flushes = batch.flushes or kind is RecordKind.FLUSH
+            if kind is RecordKind.FLUSH:
+                batch.flushes = True
         self._queued += size
 
     def stop(self, sequence: int, reason: str) -> None:
@@ -167,8 +168,8 @@ class JournalRecorder:
         text = f"recording stopped before sequence {sequence}: {reason}"
         log_event(logging.WARNING, "journal-stopped", f"journal {self.path}: {text}",
                   sequence=sequence)
-        self._put(RecordKind.NOTE, 0, 0, sequence, 0, 0, NO_CONNECTION, 0, time.time(),
-                  time.monotonic(), text.encode())
+        self._place(RecordKind.NOTE, 0, 0, sequence, 0, 0, NO_CONNECTION, 0, time.time(),
+                    time.monotonic(), text.encode())
 
     @property
     def stopped(self) -> str | None:
