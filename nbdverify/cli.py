@@ -22,7 +22,7 @@ import trio
 
 from nbdverify_protocol.negotiation import TlsMode
 
-from . import __version__
+from . import __version__, compare, crashcheck, journal, replay
 from .children import Child, ChildError
 from .device import (
     DeviceError,
@@ -116,7 +116,66 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     run.add_argument("--log-format", choices=["text", "json"], default="text",
                      help="stderr log lines for people (text) or machines (json)")
+    record = serve.add_argument_group("journal")
+    record.add_argument("--journal", metavar="FILE",
+                        help="record every write, zero, trim and flush (with data) in FILE")
+    record.add_argument("--journal-max-size", metavar="SIZE", type=journal.parse_size,
+                        help="stop recording (with a note) before FILE grows past SIZE")
+    add_offline_commands(commands)
     return parser
+
+
+def add_offline_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """journal show, replay, crashcheck, compare: they read journals and images."""
+    show = commands.add_parser("journal", help="read a journal").add_subparsers(
+        dest="journal_command", required=True, parser_class=_Parser).add_parser(
+        "show", help="print a journal's records, one a line",
+        description="Print a journal's records, one a line, in the order both children "
+        "completed them.")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--json", action="store_true", help="one JSON object a line")
+    show.add_argument("--offset", metavar="START-END", type=lambda text: journal.parse_range(
+        text, size=True), help="only requests that touched bytes START to END-1")
+    show.add_argument("--sequence", metavar="FIRST-LAST", type=lambda text: journal.parse_range(
+        text, size=False), help="only sequence numbers FIRST to LAST")
+    show.add_argument("--at", metavar="OFFSET", type=journal.parse_size,
+                      help="every request that touched the byte at OFFSET")
+    show.set_defaults(handler=journal.show)
+    replaying = commands.add_parser(
+        "replay", help="apply a journal to a copy of the starting image",
+        description="Apply FILE's records, in order, to IMAGE (a copy of the image the "
+        "recorded run started from), to its end or to a chosen point.")
+    replaying.add_argument("file", metavar="FILE")
+    replaying.add_argument("--onto", metavar="IMAGE", required=True,
+                           help="the image to change: a file, any QEMU format, or an NBD URI")
+    replaying.add_argument("-f", "--format", metavar="FORMAT", help="IMAGE's format")
+    point = replaying.add_mutually_exclusive_group()
+    point.add_argument("--until", metavar="SEQ", type=int,
+                       help="stop after the record with sequence number SEQ")
+    point.add_argument("--flushes", metavar="N", type=int, help="stop after the N-th FLUSH")
+    replaying.set_defaults(handler=replay.main)
+    checking = commands.add_parser(
+        "crashcheck", help="check a crashed TEST against the journal",
+        description="Check that TEST, after a crash, holds for every block the last durable "
+        "write or a later one, and the starting content where nothing was written. Exit "
+        "status 0: no violation, 1: violations, 2: error.")
+    checking.add_argument("file", metavar="FILE")
+    checking.add_argument("test", metavar="TEST")
+    checking.add_argument("--base", metavar="IMAGE",
+                          help="the starting image (default: RAW, for blocks never written)")
+    checking.add_argument("-f", "--format", metavar="FORMAT", help="TEST's format")
+    checking.add_argument("--json", action="store_true", help="one JSON object")
+    checking.set_defaults(handler=crashcheck.main)
+    comparing = commands.add_parser(
+        "compare", help="list every range where two images differ",
+        description="Compare A and B (files, any QEMU format, NBD URIs) and list every "
+        "differing range. Exit status 0: identical, 1: different, 2: error.")
+    comparing.add_argument("a", metavar="A")
+    comparing.add_argument("b", metavar="B")
+    comparing.add_argument("-f", metavar="FORMAT", dest="format_a", help="A's format")
+    comparing.add_argument("-F", metavar="FORMAT", dest="format_b", help="B's format")
+    comparing.add_argument("--json", action="store_true", help="one JSON object")
+    comparing.set_defaults(handler=compare.main)
 
 
 @dataclass
@@ -315,6 +374,7 @@ async def _run_command(command: str, endpoint: Endpoint, server: Server,
 async def serve(args: argparse.Namespace) -> int:
     reporter = Reporter()
     report: IO[str] | None = None
+    recorder: journal.JournalRecorder | None = None
     private_dir: str | None = None
     async with trio.open_nursery() as children_tasks:
         device = await open_device(args, reporter, children_tasks)
@@ -332,6 +392,12 @@ async def serve(args: argparse.Namespace) -> int:
                     raise StartupError(f"cannot open report file {args.report}: "
                                        f"{error.strerror or error}") from None
                 reporter.attach(report)
+            if args.journal:
+                try:
+                    recorder = journal.record_device(device, args.journal, args.journal_max_size,
+                                                     *(spec.target for spec in args.children))
+                except journal.JournalError as error:
+                    raise StartupError(str(error)) from None
             server = Server(device, ExportConfig(args.exportname, args.description,
                                                  args.readonly), tls_config(args),
                             extended_headers=not args.no_extended_headers)
@@ -352,6 +418,9 @@ async def serve(args: argparse.Namespace) -> int:
             children_tasks.cancel_scope.cancel()
             if report is not None:
                 report.close()
+            if recorder is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(recorder.close)
             if private_dir is not None:
                 shutil.rmtree(private_dir, ignore_errors=True)
             elif args.unix and os.path.exists(args.unix):
@@ -362,9 +431,13 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "serve":
+            return int(args.handler(args))
         args.children = parse_images(args.images)
         if args.tls != TlsMode.OFF.value and not args.tls_certificates:
             raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
+        if args.journal_max_size is not None and not args.journal:
+            raise UsageError("--journal-max-size needs --journal FILE")
     except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE

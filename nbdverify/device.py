@@ -136,13 +136,15 @@ class VerifiedDevice:
 
     def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
                  origin: Origin | None,
-                 data: bytes | bytearray | memoryview | None = None) -> None:
-        """Number a change both children completed and tell the observers."""
+                 data: bytes | bytearray | memoryview | None = None, *,
+                 raw: ChildError | None = None, test: ChildError | None = None) -> None:
+        """Number a change both children completed (`raw`, `test`: unless one failed
+        it) and tell the observers."""
         self._changes += 1
         if not self.observers:
             return
         change = Change(self._changes, kind, offset, length, flags, origin, time.time(),
-                        time.monotonic(), data)
+                        time.monotonic(), data, raw is not None, test is not None)
         for observer in self.observers:
             observer.changed(change)
 
@@ -260,7 +262,8 @@ class VerifiedDevice:
                 self._unverified.add(offset, offset + length)
             else:
                 self._unverified.remove(offset, offset + length)
-            self._changed(kind, offset, length, flags, origin, data)
+            self._changed(kind, offset, length, flags, origin, data, raw=raw_error,
+                          test=test_error)
             self._settle(kind.value, offset, length, raw_error, test_error)
 
         return self._start(offset, length, True, start_both, finish,
@@ -313,7 +316,7 @@ class VerifiedDevice:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
         async def finish(raw: Pending[None], test: Pending[None]) -> None:
             (_, raw_error), (_, test_error) = await _both(raw, test)
-            self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
+            self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, raw=raw_error, test=test_error)
             self._settle("flush", 0, 0, raw_error, test_error)
 
         # A flush claims no range: it covers what completed before it.

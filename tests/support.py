@@ -145,6 +145,13 @@ def run(command: list[str], timeout: float = 60, check: bool = True,
     return result  # type: ignore[no-any-return]
 
 
+def nbdverify(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run `nbdverify ARGS` to completion."""
+    return subprocess.run([NBDVERIFY, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False, stdin=subprocess.DEVNULL, env=env)
+
+
 NBD_TIMEOUT = 10.0
 
 
@@ -184,6 +191,22 @@ class LibnbdClient:
         target = bytearray(count)
         self.pread_into(target, offset)
         return bytes(target)
+
+    def pwrite(self, data: bytes, offset: int, fua: bool = False) -> None:
+        import nbd
+
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        self.complete(self.handle.aio_pwrite(nbd.Buffer.from_bytearray(data), offset,
+                                             flags=flags))
+
+    def flush(self) -> None:
+        self.complete(self.handle.aio_flush())
+
+    def zero(self, count: int, offset: int) -> None:
+        self.complete(self.handle.aio_zero(count, offset))
+
+    def trim(self, count: int, offset: int) -> None:
+        self.complete(self.handle.aio_trim(count, offset))
 
 
 class Launcher(Protocol):

@@ -25,6 +25,7 @@ from support import (
     Launcher,
     LibnbdClient,
     RunningServer,
+    nbdverify,
     require_tool,
     run,
     wait_until_serving,
@@ -33,13 +34,6 @@ from support import (
 COMMAND_TIMEOUT = 30.0
 SECTOR = 512
 CHUNK = 64 * 1024
-
-
-def nbdverify(*args: str, env: dict[str, str] | None = None,
-              timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run `nbdverify ARGS` to completion."""
-    return subprocess.run([NBDVERIFY, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False, stdin=subprocess.DEVNULL, env=env)
 
 
 def spawn(directory: Path, images: ImagePair, *args: str) -> RunningServer:

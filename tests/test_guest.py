@@ -9,6 +9,7 @@ powers off; `GUEST-RESULT: ok` or `GUEST-RESULT: fail <reason>` is the verdict.
 from __future__ import annotations
 
 import filecmp
+import json
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from peers_support import BOOKWORM, Peer
-from support import ImagePair, RunningServer, require_tool, run, start_server
+from support import NBDVERIFY, ImagePair, RunningServer, require_tool, run, start_server
 
 pytestmark = pytest.mark.guest
 
@@ -268,3 +269,30 @@ def test_nbd_client_corrupt_read_is_an_io_error(guest_image: Path, tmp_path: Pat
     assert f"GUEST-IOERROR: /dev/nbd0 offset {NBD_CORRUPT_OFFSET}" in guest.markers
     assert [r["sector"] for r in records] == [NBD_CORRUPT_OFFSET // 512], records
     assert "Input/output error" in guest.log
+
+
+def test_a_recorded_install_replays_to_raw_and_to_its_middle(guest_image: Path,
+                                                             tmp_path: Path) -> None:
+    """Install, then boot, on one server with --journal; RAW is copied between the two
+    guest runs (the workload stopped), so that point has a known image to replay to."""
+    pair = blank_pair(tmp_path / "run", DISK_SIZE)
+    journal = tmp_path / "install.journal"
+    middle = tmp_path / "middle.img"
+    with served(tmp_path, pair, "--journal", str(journal)) as server:
+        boot(guest_image, tmp_path, "install", disk=server.socket).assert_ok()
+        copied_at = time.time()
+        shutil.copyfile(pair.raw, middle)
+        boot(guest_image, tmp_path, "boot", disk=server.socket,
+             append="root=/dev/vda1").assert_ok()
+        assert server.report_records() == [], server.stderr
+    records = [json.loads(line) for line in
+               run([NBDVERIFY, "journal", "show", str(journal), "--json"]).stdout.splitlines()]
+    before = [r["sequence"] for r in records if r["wall_time"] < copied_at]
+    assert before and len(before) < len(records)  # both runs changed the disk
+    assert {r["kind"] for r in records} >= {"write", "flush"}
+    for until, expected in (([], pair.raw), (["--until", str(before[-1])], middle)):
+        replayed = tmp_path / "replayed.img"
+        blank_pair(tmp_path / "blank", DISK_SIZE)
+        shutil.copyfile(tmp_path / "blank" / "raw.img", replayed)
+        run([NBDVERIFY, "replay", str(journal), "--onto", str(replayed), *until], timeout=300)
+        assert filecmp.cmp(replayed, expected, shallow=False), until

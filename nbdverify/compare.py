@@ -1,0 +1,245 @@
+"""`nbdverify compare A B`: every range where two images differ, not only the first.
+
+Block status comes first: a range both sides report as reading zero is skipped
+unread, and a range one side reports as zero is read on the other side only and
+checked for zeroes. The rest is read in pieces, several in flight at once on an
+NBD child (its reads go out before the previous piece is compared), and compared
+with bytearray equality (memcmp); only a piece that differs is searched, by
+sub-blocks then sectors, for where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from nbdverify_protocol.constants import AllocationState
+
+from .children import Child, FileChild, Pending
+from .images import open_image, run_offline
+from .journal import sector_span
+
+SECTOR = 512
+#: Two files: 8 MiB pieces, read inline; 2 GiB of page-cached raw files compare at
+#: ~1.7 GiB/s (1 MiB pieces: 10% slower from per-call overhead).
+CHUNK = 8 * 1024 * 1024
+#: An NBD child (qcow2 through qemu-nbd): 256 KiB pieces, 16 in flight. Our NBD client
+#: copies each reply several times, and big replies cost the most: 2 GiB of qcow2 take
+#: ~11 s in 8 MiB pieces, ~5 s in 256 KiB pieces.
+NBD_CHUNK = 256 * 1024
+NBD_DEPTH = 16
+#: Block status asks for at most this much at once (NBD lengths are 32-bit).
+STATUS_STEP = 1 << 30
+_SEARCH_STEP = 64 * 1024
+
+EXIT_IDENTICAL = 0
+EXIT_DIFFERENT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A piece of the images with the same block status on each side."""
+
+    start: int
+    end: int
+    a_zero: bool
+    b_zero: bool
+
+
+async def zero_map(child: Child, size: int) -> list[tuple[int, bool]]:
+    """(length, reads as zero) for the whole of `child` up to `size`."""
+    pieces: list[tuple[int, bool]] = []
+    position = 0
+    while position < size:
+        extents = await child.extents(position, min(STATUS_STEP, size - position))
+        for extent in extents:
+            length = min(extent.length, size - position)
+            if length <= 0:
+                break
+            pieces.append((length, bool(extent.state & AllocationState.ZERO)))
+            position += length
+        if not extents:
+            pieces.append((size - position, False))
+            position = size
+    return pieces
+
+
+def segments(a: list[tuple[int, bool]], b: list[tuple[int, bool]]) -> Iterator[Segment]:
+    """Walk two zero maps of the same total length together, merging alike neighbours."""
+    i = j = position = 0
+    left_a = a[0][0] if a else 0
+    left_b = b[0][0] if b else 0
+    pending: Segment | None = None
+    while i < len(a) and j < len(b):
+        step = min(left_a, left_b)
+        piece = Segment(position, position + step, a[i][1], b[j][1])
+        if pending and (pending.a_zero, pending.b_zero) == (piece.a_zero, piece.b_zero):
+            pending = Segment(pending.start, piece.end, piece.a_zero, piece.b_zero)
+        else:
+            if pending:
+                yield pending
+            pending = piece
+        position += step
+        left_a -= step
+        left_b -= step
+        if left_a == 0:
+            i += 1
+            left_a = a[i][0] if i < len(a) else 0
+        if left_b == 0:
+            j += 1
+            left_b = b[j][0] if j < len(b) else 0
+    if pending:
+        yield pending
+
+
+def differing_sectors(a: bytes | bytearray, b: bytes | bytearray, offset: int,
+                      ) -> Iterator[tuple[int, int]]:
+    """Byte ranges, cut at sector boundaries of the image (a and b start at `offset`),
+    where a and b differ: 64 KiB sub-blocks first, then the sectors of those that
+    differ. Slices are compared, not memoryviews: memoryview equality runs 25 times
+    slower than bytes equality (19 ms vs 0.75 ms for 8 MiB)."""
+    for block in range(0, len(a), _SEARCH_STEP):
+        end = min(block + _SEARCH_STEP, len(a))
+        if a[block:end] == b[block:end]:
+            continue
+        position = block
+        while position < end:
+            stop = min(((offset + position) // SECTOR + 1) * SECTOR - offset, end)
+            if a[position:stop] != b[position:stop]:
+                yield offset + position, offset + stop
+            position = stop
+
+
+@dataclass
+class Comparison:
+    size_a: int
+    size_b: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    skipped_zero: int = 0
+
+    @property
+    def identical(self) -> bool:
+        return self.size_a == self.size_b and not self.ranges
+
+    def add(self, start: int, end: int) -> None:
+        if self.ranges and self.ranges[-1][1] == start:
+            self.ranges[-1] = (self.ranges[-1][0], end)
+        else:
+            self.ranges.append((start, end))
+
+
+@dataclass
+class _Piece:
+    start: int
+    length: int
+    segment: Segment
+    buffers: tuple[bytearray, bytearray]
+    reads: list[Pending[None]]
+
+
+class Comparer:
+    """Compares two open images; `run` fills a Comparison."""
+
+    def __init__(self, a: Child, b: Child, progress: tqdm[Any]) -> None:
+        self.a, self.b = a, b
+        self.progress = progress
+        self.result = Comparison(a.size, b.size)
+        # Two files are read in place in big pieces; an NBD child is kept busy with many.
+        inline = isinstance(a, FileChild) and isinstance(b, FileChild)
+        self.chunk, self.depth = (CHUNK, 0) if inline else (NBD_CHUNK, NBD_DEPTH)
+        self._free = [(bytearray(self.chunk), bytearray(self.chunk))
+                      for _ in range(self.depth + 1)]
+        self._zeroes = bytes(self.chunk)
+
+    async def run(self) -> Comparison:
+        size = min(self.a.size, self.b.size)
+        plan = segments(await zero_map(self.a, size), await zero_map(self.b, size))
+        in_flight: list[_Piece] = []
+        for piece in self._pieces(plan):
+            in_flight.append(piece)
+            if len(in_flight) > self.depth:
+                await self._finish(in_flight.pop(0))
+        for piece in in_flight:
+            await self._finish(piece)
+        return self.result
+
+    def _pieces(self, plan: Iterator[Segment]) -> Iterator[_Piece]:
+        for segment in plan:
+            if segment.a_zero and segment.b_zero:
+                self.result.skipped_zero += segment.end - segment.start
+                self.progress.update(segment.end - segment.start)
+                continue
+            for start in range(segment.start, segment.end, self.chunk):
+                length = min(self.chunk, segment.end - start)
+                # A short piece gets buffers of its own length, to compare them whole.
+                buffers = (self._free.pop() if length == self.chunk
+                           else (bytearray(length), bytearray(length)))
+                reads = [child.read(memoryview(buffer), start)
+                         for child, buffer, zero in ((self.a, buffers[0], segment.a_zero),
+                                                     (self.b, buffers[1], segment.b_zero))
+                         if not zero]
+                yield _Piece(start, length, segment, buffers, reads)
+
+    async def _finish(self, piece: _Piece) -> None:
+        for read in piece.reads:
+            await read
+        first: bytes | bytearray
+        second: bytes | bytearray
+        first, second = piece.buffers
+        # A side that reports zero was not read: compare the other with zeroes.
+        zeroes = self._zeroes if piece.length == self.chunk else bytes(piece.length)
+        if piece.segment.a_zero:
+            first = zeroes
+        elif piece.segment.b_zero:
+            second = zeroes
+        if first != second:
+            for start, end in differing_sectors(first, second, piece.start):
+                self.result.add(start, end)
+        if piece.length == self.chunk:
+            self._free.append(piece.buffers)
+        self.progress.update(piece.length)
+
+
+def report(args: argparse.Namespace, result: Comparison) -> None:
+    if args.json:
+        print(json.dumps({
+            "identical": result.identical,
+            "a": {"image": args.a, "size": result.size_a},
+            "b": {"image": args.b, "size": result.size_b},
+            "sizes_differ": result.size_a != result.size_b,
+            "skipped_zero_bytes": result.skipped_zero,
+            "ranges": [{"offset": start, "length": end - start, "first_sector": start // SECTOR,
+                        "last_sector": (end - 1) // SECTOR} for start, end in result.ranges],
+        }))
+        return
+    if result.size_a != result.size_b:
+        print(f"Sizes differ: A {args.a} is {result.size_a} bytes, B {args.b} is "
+              f"{result.size_b} bytes (compared the first {min(result.size_a, result.size_b)})")
+    if result.identical:
+        print("Images are identical.")
+        return
+    if result.ranges:
+        total = sum(end - start for start, end in result.ranges)
+        print(f"{len(result.ranges)} differing ranges, {total} bytes:")
+        for start, end in result.ranges:
+            print(f"  {sector_span(start, end)} (offset {start}, {end - start} bytes)")
+
+
+async def compare(args: argparse.Namespace) -> int:
+    async with open_image("A", args.a, args.format_a) as a, \
+            open_image("B", args.b, args.format_b) as b:
+        with tqdm(total=min(a.size, b.size), unit="B", unit_scale=True, desc="compare",
+                  disable=not sys.stderr.isatty()) as progress:
+            result = await Comparer(a, b, progress).run()
+    report(args, result)
+    return EXIT_IDENTICAL if result.identical else EXIT_DIFFERENT
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_offline(lambda: compare(args))

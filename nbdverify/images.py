@@ -1,0 +1,54 @@
+"""Images opened by the offline commands (replay, crashcheck, compare): any form
+`serve` accepts, and one-line errors with exit status 2 when one cannot be had."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from .children import Child, ChildError
+from .journal import JournalError
+from .specs import ChildSpec, open_child
+
+EXIT_ERROR = 2
+
+
+class ImageError(Exception):
+    """An image cannot be opened or read: the command fails with exit status 2."""
+
+
+@asynccontextmanager
+async def open_image(role: str, target: str, image_format: str | None = None,
+                     readonly: bool = True) -> AsyncIterator[Child]:
+    """A child for `target` (file, QEMU image, NBD URI), closed on the way out."""
+    async with trio.open_nursery() as nursery:
+        try:
+            child = await open_child(role, ChildSpec(target, image_format), nursery, readonly,
+                                     None)
+        except OSError as error:
+            raise ImageError(f"cannot open {target}: {error.strerror or error}") from None
+        except ChildError as error:
+            raise ImageError(f"cannot open {target}: {error.detail}") from None
+        try:
+            yield child
+        finally:
+            with trio.CancelScope(shield=True):
+                await child.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def run_offline(command: Callable[[], Awaitable[int]]) -> int:
+    """Run an offline command under trio; its errors become one line and status 2."""
+    try:
+        return trio.run(command)
+    except BaseException as error:
+        # Errors raised inside a nursery arrive wrapped in exception groups.
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, ImageError | JournalError | ChildError):
+            print(f"nbdverify: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        raise

@@ -1,0 +1,120 @@
+"""`nbdverify compare A B` through the real command: files, qcow2, an NBD URI served by
+a real qemu-nbd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
+
+SIZE = 16 * 1024 * 1024
+#: Three separate places B differs from A: (offset, length).
+CHANGES = ((1000, 1), (3 << 20, 8192), (SIZE - 512, 512))
+EXPECTED = [(512, 1024), (3 << 20, (3 << 20) + 8192), (SIZE - 512, SIZE)]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    a = tmp_path / "a.img"
+    b = tmp_path / "b.img"
+    a.write_bytes(os.urandom(SIZE))
+    shutil.copyfile(a, b)
+    with b.open("r+b") as f:
+        for offset, length in CHANGES:
+            f.seek(offset)
+            old = bytearray(f.read(length))
+            f.seek(offset)
+            f.write(bytes(x ^ 0xFF for x in old))
+    return a, b
+
+
+def ranges(stdout: str) -> list[tuple[int, int]]:
+    return [(r["offset"], r["offset"] + r["length"]) for r in json.loads(stdout)["ranges"]]
+
+
+@pytest.fixture
+def served_b(pair: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
+    """B served read-only by qemu-nbd on a unix socket: its URI."""
+    socket = tmp_path / "b.sock"
+    process = subprocess.Popen([require_tool("qemu-nbd"), "-r", "-f", "raw", "-t",
+                                f"--socket={socket}", str(pair[1])],
+                               stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not socket.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "qemu-nbd failed"
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={socket}"
+    finally:
+        terminate(process)
+
+
+def test_identical_images_exit_0(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy.img"
+    shutil.copyfile(pair[0], copy)
+    result = nbdverify("compare", str(pair[0]), str(copy))
+    assert (result.returncode, result.stdout) == (0, "Images are identical.\n"), result.stderr
+
+
+def test_every_differing_range_is_listed_in_sectors(pair: tuple[Path, Path]) -> None:
+    result = nbdverify("compare", str(pair[0]), str(pair[1]))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "3 differing ranges, 9216 bytes:",
+        "  sector 1 (offset 512, 512 bytes)",
+        f"  sectors {(3 << 20) // 512}-{(3 << 20) // 512 + 15} (offset {3 << 20}, 8192 bytes)",
+        f"  sector {SIZE // 512 - 1} (offset {SIZE - 512}, 512 bytes)",
+    ]
+
+
+def test_raw_qcow2_and_an_nbd_uri_compare_alike(pair: tuple[Path, Path], tmp_path: Path,
+                                                 served_b: str) -> None:
+    qcow2 = tmp_path / "b.qcow2"
+    run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(pair[1]),
+         str(qcow2)])
+    for a, b in ((pair[0], qcow2), (qcow2, pair[0]), (pair[0], served_b)):
+        result = nbdverify("compare", str(a), str(b), "--json")
+        assert result.returncode == 1, result.stderr
+        assert ranges(result.stdout) == EXPECTED, (a, b)
+    same = nbdverify("compare", str(pair[1]), str(qcow2))
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_ranges_both_sides_report_as_zero_are_skipped(tmp_path: Path) -> None:
+    a, b = tmp_path / "sparse-a.img", tmp_path / "sparse-b.img"
+    for path in (a, b):
+        with path.open("wb") as f:
+            f.truncate(SIZE)
+            f.seek(5 << 20)
+            f.write(b"\x01" * 4096)
+    result = nbdverify("compare", str(a), str(b), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["skipped_zero_bytes"] >= SIZE - (1 << 20)
+
+
+def test_a_size_difference_is_named(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    longer = tmp_path / "longer.img"
+    shutil.copyfile(pair[0], longer)
+    with longer.open("r+b") as f:
+        f.truncate(SIZE + 65536)
+    result = nbdverify("compare", str(pair[0]), str(longer))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"Sizes differ: A {pair[0]} is {SIZE} bytes, B {longer} is {SIZE + 65536} bytes "
+        f"(compared the first {SIZE})"]
+
+
+def test_a_missing_image_is_one_line_and_status_2(pair: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    missing = tmp_path / "missing.img"
+    result = nbdverify("compare", str(pair[0]), str(missing))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"nbdverify: cannot open {missing}: No such file or directory\n"
