@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from time import perf_counter
 from typing import TypeVar
 
 import trio
@@ -20,8 +20,11 @@ from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 from .changes import Change, ChangeKind, ChangeObserver, Origin
 from .children import Child, ChildError, Extent
+from .classify import classify
 from .findings import Divergence, Finding, Mismatch, compare
+from .provenance import Provenance
 from .ranges import RangeSet, RequestOrdering
+from .statistics import Statistics
 
 T = TypeVar("T")
 
@@ -65,18 +68,6 @@ class SizeMismatch(Exception):
         )
 
 
-@dataclass(slots=True)
-class Statistics:
-    reads: int = 0
-    writes: int = 0
-    zeroes: int = 0
-    trims: int = 0
-    flushes: int = 0
-    bytes_verified: int = 0
-    bytes_unverified: int = 0
-    findings: int = 0
-
-
 Outcome = tuple[T | None, ChildError | None]
 
 
@@ -88,6 +79,7 @@ class VerifiedDevice:
         export_name: str = "",
         policy: MismatchPolicy = MismatchPolicy.DISCONNECT,
         on_finding: Callable[[Finding], None] = lambda finding: None,
+        provenance: Provenance | None = None,
     ) -> None:
         if raw.size != test.size:
             raise SizeMismatch(raw, test)
@@ -110,31 +102,43 @@ class VerifiedDevice:
         #: Told of every completed change, in completion order (provenance, journal).
         self.observers: list[ChangeObserver] = []
         self._changes = 0
+        #: Names each mismatching range's last writer and class (and, with
+        #: fingerprints, wants what RAW held before each write).
+        self.provenance = provenance
+        if provenance is not None:
+            self.observers.append(provenance)
+        #: Findings keep both children's differing bytes (for --dump-dir).
+        self.keep_mismatch_bytes = False
 
     def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
                  origin: Origin | None,
-                 data: bytes | bytearray | memoryview | None = None) -> None:
+                 data: bytes | bytearray | memoryview | None = None,
+                 replaced: bytearray | None = None, covers: int = 0) -> None:
         """Number a change both children completed and tell the observers."""
         self._changes += 1
         if not self.observers:
             return
         change = Change(self._changes, kind, offset, length, flags, origin, time.time(),
-                        time.monotonic(), data)
+                        time.monotonic(), data, replaced, covers)
         for observer in self.observers:
             observer.changed(change)
 
     # --- Running an operation on both children ----------------------------------
 
     async def _on_both(
-        self, operation: Callable[[Child], Awaitable[T]], concurrent: bool = False
+        self, name: str, operation: Callable[[Child], Awaitable[T]], concurrent: bool = False
     ) -> tuple[Outcome[T], Outcome[T]]:
         """Run on both children, in turn when both run inline (free) and the
         operation does not wait (`concurrent` says it will: fsync), else together."""
         async def attempt(child: Child) -> Outcome[T]:
+            began = perf_counter()
             try:
                 return await operation(child), None
             except ChildError as error:
                 return None, error
+            finally:
+                self.statistics.child_done(name, "raw" if child is self.raw else "test",
+                                           perf_counter() - began)
 
         if self.raw.runs_inline and self.test.runs_inline and not concurrent:
             return await attempt(self.raw), await attempt(self.test)
@@ -158,20 +162,27 @@ class VerifiedDevice:
         return results["raw"], results["test"]
 
     async def _start_both(
-        self, start: Callable[[Child], Awaitable[None]]
+        self, name: str, start: Callable[[Child], Awaitable[None]]
     ) -> tuple[ChildError | None, ChildError | None]:
         """Both children's operation in flight at once, with no task: each child
         starts it (an NBD child sends its request, a file child does the work in
         place), then both are awaited. Errors come back as (raw, test)."""
         started: list[Awaitable[None] | ChildError] = []
+        # A child's latency: its start (a file child's whole work) plus the wait
+        # for it after both started; the second child awaited is seen no sooner
+        # than the first.
+        spent: list[float] = []
         for child in (self.test, self.raw):
+            began = perf_counter()
             try:
                 started.append(start(child))
             except ChildError as error:
                 started.append(error)
+            spent.append(perf_counter() - began)
+        all_started = perf_counter()
         errors: list[ChildError | None] = []
         try:
-            for pending in started:
+            for pending, role, in_start in zip(started, ("test", "raw"), spent, strict=True):
                 if isinstance(pending, ChildError):
                     errors.append(pending)
                     continue
@@ -180,6 +191,7 @@ class VerifiedDevice:
                     errors.append(None)
                 except ChildError as error:
                     errors.append(error)
+                self.statistics.child_done(name, role, in_start + perf_counter() - all_started)
         finally:
             for pending in started[len(errors) + 1:]:  # cancelled: never to be awaited
                 if isinstance(pending, Coroutine):
@@ -217,7 +229,7 @@ class VerifiedDevice:
 
     async def read(self, offset: int, length: int, headroom: int = 0) -> bytearray:
         """The verified bytes, after `headroom` spare bytes for a reply header."""
-        self.statistics.reads += 1
+        self.statistics.started("read", length)
         end = offset + length
         async with self._ordering.hold(offset, end, exclusive=False):
             reference = bytearray(headroom + length)
@@ -225,7 +237,7 @@ class VerifiedDevice:
             views = {self.raw: memoryview(reference)[headroom:],
                      self.test: memoryview(candidate)[headroom:]}
             raw_error, test_error = await self._start_both(
-                lambda child: child.post_read(views[child], offset))
+                "read", lambda child: child.post_read(views[child], offset))
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference
@@ -239,29 +251,45 @@ class VerifiedDevice:
             if reference != candidate:
                 difference = compare(reference, candidate, headroom, offset, length)
                 assert difference is not None
+                ranges = () if self.provenance is None else classify(
+                    self.provenance, offset, reference, candidate, headroom, difference.ranges,
+                    self.keep_mismatch_bytes)
                 self._found(Mismatch(self.export_name, "read", offset, length,
-                                     difference=difference))
+                                     difference=difference, ranges=ranges))
             self.statistics.bytes_verified += length
             return reference
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
                     origin: Origin | None = None) -> None:
-        self.statistics.writes += 1
         length = len(data)
+        self.statistics.started("write", length)
         async with self._ordering.hold(offset, offset + length, exclusive=True):
+            replaced = await self._replaced(offset, length)
             if fua:  # the two syncs run concurrently
                 (_, raw), (_, test) = await self._on_both(
-                    lambda child: child.write(data, offset, fua), concurrent=True)
+                    "write", lambda child: child.write(data, offset, fua), concurrent=True)
             else:
-                raw, test = await self._start_both(lambda child: child.post_write(data, offset))
+                raw, test = await self._start_both(
+                    "write", lambda child: child.post_write(data, offset))
             self._unverified.remove(offset, offset + length)
             self._changed(ChangeKind.WRITE, offset, length, CommandFlag.FUA if fua else 0,
-                          origin, data)
+                          origin, data, replaced)
             self._settle("write", offset, length, raw, test)
+
+    async def _replaced(self, offset: int, length: int) -> bytearray | None:
+        """What RAW holds where a write goes, if provenance fingerprints it."""
+        if self.provenance is None or not self.provenance.fingerprints:
+            return None
+        old = bytearray(length)
+        try:
+            await self.raw.read_into(memoryview(old), offset)
+        except ChildError:
+            return None  # the write itself will meet the same error
+        return old
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
                            fua: bool, origin: Origin | None = None) -> None:
-        self.statistics.zeroes += 1
+        self.statistics.started("write_zeroes", length)
         flags = ((0 if may_trim else CommandFlag.NO_HOLE) | (CommandFlag.FAST_ZERO if fast else 0)
                  | (CommandFlag.FUA if fua else 0))
         async with self._ordering.hold(offset, offset + length, exclusive=True):
@@ -269,6 +297,7 @@ class VerifiedDevice:
                 raw, test = await self._fast_zero(offset, length, may_trim, fua)
             else:
                 (_, raw), (_, test) = await self._on_both(
+                    "write_zeroes",
                     lambda child: child.write_zeroes(offset, length, may_trim, False, fua),
                     concurrent=fua,
                 )
@@ -298,10 +327,10 @@ class VerifiedDevice:
 
     async def trim(self, offset: int, length: int, fua: bool,
                    origin: Origin | None = None) -> None:
-        self.statistics.trims += 1
+        self.statistics.started("trim", length)
         async with self._ordering.hold(offset, offset + length, exclusive=True):
             (_, raw), (_, test) = await self._on_both(
-                lambda child: child.trim(offset, length, fua), concurrent=fua
+                "trim", lambda child: child.trim(offset, length, fua), concurrent=fua
             )
             self._unverified.add(offset, offset + length)
             self._changed(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0, origin)
@@ -309,19 +338,25 @@ class VerifiedDevice:
 
     async def flush(self, origin: Origin | None = None) -> None:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
-        self.statistics.flushes += 1
-        (_, raw), (_, test) = await self._on_both(lambda child: child.flush(), concurrent=True)
-        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin)
+        self.statistics.started("flush")
+        covers = self._changes  # what had completed when the flush began
+        (_, raw), (_, test) = await self._on_both(
+            "flush", lambda child: child.flush(), concurrent=True)
+        self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, covers=covers)
         self._settle("flush", 0, 0, raw, test)
 
     async def cache(self, offset: int, length: int) -> None:
-        (_, raw), (_, test) = await self._on_both(lambda child: child.cache(offset, length))
+        self.statistics.started("cache", length)
+        (_, raw), (_, test) = await self._on_both(
+            "cache", lambda child: child.cache(offset, length))
         self._settle("cache", offset, length, raw, test)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation where both children agree: a range is a hole, or reads as
         zero, only if it is so on both. A child that cannot tell counts as data."""
-        (raw, _), (test, _) = await self._on_both(lambda child: child.extents(offset, length))
+        self.statistics.started("block_status", length)
+        (raw, _), (test, _) = await self._on_both(
+            "block_status", lambda child: child.extents(offset, length))
         return merge_extents(
             raw or [Extent(length, AllocationState.DATA)],
             test or [Extent(length, AllocationState.DATA)],

@@ -371,8 +371,8 @@ def test_json_log_format_writes_one_object_a_line(
     serving = entries[events.index("serving")]
     assert serving["uri"] == uri
     mismatch = entries[events.index("mismatch")]
-    assert "mismatch at offset 1049576 (sector 2049), 1 of 128 sectors differ" in (
-        mismatch["message"])
+    assert ("mismatch at offset 1049576 (sector 2049): bitflip, 4 bits differ from its initial "
+            "content; 1 of 128 sectors differ") in mismatch["message"]
 
 
 def test_unwritable_report_file_is_a_clear_startup_error(images: ImagePair,

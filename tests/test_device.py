@@ -125,7 +125,7 @@ async def test_flush_and_cache_reach_both(tmp_path: Path) -> None:
     device, found = make_device(tmp_path)
     await device.flush()
     await device.cache(0, SIZE)
-    assert device.statistics.flushes == 1
+    assert device.statistics.count("flush") == 1
     assert found == []
 
 
