@@ -7,7 +7,7 @@ what TEST holds instead:
   TEST); torn: the same, while other sectors of that write did reach TEST.
   Both need the fingerprints of what each write replaced (--fingerprints).
 - misdirected: the data of a recent write meant for another offset
-  (--fingerprints keeps a CRC-32 of every recent 4 KiB piece written).
+  (--fingerprints keeps a CRC-32 of the start of every recent 4 KiB piece).
 - zeroed: zeros; bitflip: at most BITFLIP_BITS bits differ; other: none of these.
 """
 
@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .provenance import PIECE, LastWrite, Provenance, sector_pieces
+from nbdverify_protocol.constants import SECTOR_SIZE
+
+from .provenance import LastWrite, Provenance, sector_pieces
 
 BITFLIP_BITS = 8
 #: Ranges listed in one finding, after cutting at last-writer boundaries.
@@ -142,7 +144,7 @@ def _classify(provenance: Provenance, read: _Read, start: int, end: int,
         kind = MismatchClass.TORN if torn else MismatchClass.STALE
         return ClassifiedRange(start, end, kind, writer)
     test = read.test_at(start, end)
-    source = provenance.recent_source(test[:PIECE])
+    source = provenance.recent_source(test[:SECTOR_SIZE])
     if source is not None:
         sequence, source_offset = source
         if source_offset != start:

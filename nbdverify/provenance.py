@@ -12,8 +12,8 @@ Three structures, each capped, so memory stays bounded whatever the workload:
   RECORD_CAP the oldest quarter is forgotten; the map still names their number.
 - with fingerprints on: a CRC-32 per sector of what each write replaced (read
   from RAW by the device just before the write) in a ring of FINGERPRINT_CAP,
-  and the CRC-32 of each 4 KiB piece of the most recent RECENT_PIECES written,
-  to recognise data that landed at the wrong offset.
+  and the CRC-32 of the first sector of each 4 KiB piece of the most recent
+  RECENT_PIECES written, to recognise data that landed at the wrong offset.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ PIECE = 4096
 
 _KINDS = (ChangeKind.WRITE, ChangeKind.WRITE_ZEROES, ChangeKind.TRIM, ChangeKind.FLUSH)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
-#: The request flags a record keeps, shifted above the two bits of the kind.
-_KEPT_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO
+#: The request flags a record keeps, shifted above the two bits of the kind. A
+#: plain int: `&` on an IntFlag builds a new flag object (~1 us).
+_KEPT_FLAGS = int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO)
 _FLAG_NAMES = ((CommandFlag.FUA, "fua"), (CommandFlag.NO_HOLE, "no_hole"),
                (CommandFlag.FAST_ZERO, "fast_zero"))
 
@@ -137,7 +138,7 @@ class Provenance:
         self._monotonic = array("d")
         self._fingerprint_at = array("q")  # first index in the ring, -1 none
         self._flushed_through = 0
-        self._ring = array("I", bytes(4 * fingerprint_cap)) if fingerprints else array("I")
+        self._ring = array("I", [0]) * fingerprint_cap if fingerprints else array("I")
         self._ring_total = 0
         self._recent: dict[int, int] = {}
         self._recent_order: deque[tuple[int, int]] = deque()
@@ -256,8 +257,12 @@ class Provenance:
     def _keep_replaced(self, offset: int, replaced: bytes | bytearray | memoryview) -> int:
         """Store a CRC-32 per sector of the replaced bytes; their first ring index."""
         view = memoryview(replaced)
-        crcs = array("I", [zlib.crc32(view[a - offset:b - offset])
-                           for a, b in sector_pieces(offset, len(view))])
+        if offset % SECTOR_SIZE == 0:  # the usual case, without building the pieces
+            crcs = array("I", [zlib.crc32(view[at:at + SECTOR_SIZE])
+                               for at in range(0, len(view), SECTOR_SIZE)])
+        else:
+            crcs = array("I", [zlib.crc32(view[a - offset:b - offset])
+                               for a, b in sector_pieces(offset, len(view))])
         capacity = self._fingerprint_cap
         if len(crcs) > capacity:
             return -1
@@ -279,11 +284,11 @@ class Provenance:
                       data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         for at in range(0, len(view), PIECE):
-            piece = view[at:at + PIECE]
-            crc = zlib.crc32(piece)
-            if crc == self._zero_crc(len(piece)):
+            head = view[at:at + SECTOR_SIZE]  # a sector names the piece at an eighth the cost
+            crc = zlib.crc32(head)
+            if crc == self._zero_crc(len(head)):
                 continue  # zeros are everywhere: they name no write
-            key = len(piece) << 32 | crc
+            key = len(head) << 32 | crc
             value = sequence << 64 | offset + at
             self._recent[key] = value
             self._recent_order.append((key, value))
@@ -360,7 +365,8 @@ class Provenance:
         return self._ring[at:at + head] + self._ring[:count - head]
 
     def recent_source(self, data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-        """(sequence, offset) of a recent WRITE whose 4 KiB piece was `data`."""
+        """(sequence, offset) of a recent WRITE with a 4 KiB piece that began with
+        `data` (its first sector, or all of a shorter piece)."""
         value = self._recent.get(len(data) << 32 | zlib.crc32(data))
         return None if value is None else (value >> 64, value & (1 << 64) - 1)
 
