@@ -75,8 +75,8 @@ class ClassifiedRange:
         if kind is MismatchClass.ZEROED:
             return f"zeroed, TEST reads zeros where RAW holds {wrote}"
         if kind is MismatchClass.BITFLIP:
-            plural = "" if self.bits == 1 else "s"
-            return f"bitflip, {self.bits} bit{plural} differ from {wrote}"
+            bits = "1 bit differs" if self.bits == 1 else f"{self.bits} bits differ"
+            return f"bitflip, {bits} from {wrote}"
         return f"other, TEST differs from {wrote}"
 
     def as_record(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from time import perf_counter
+from time import perf_counter_ns
 from typing import TypeVar
 
 import trio
@@ -107,6 +107,7 @@ class VerifiedDevice:
         self.provenance = provenance
         if provenance is not None:
             self.observers.append(provenance)
+        self._fingerprints = provenance is not None and provenance.fingerprints
         #: Findings keep both children's differing bytes (for --dump-dir).
         self.keep_mismatch_bytes = False
 
@@ -130,18 +131,21 @@ class VerifiedDevice:
     ) -> tuple[Outcome[T], Outcome[T]]:
         """Run on both children, in turn when both run inline (free) and the
         operation does not wait (`concurrent` says it will: fsync), else together."""
+        took = [0, 0]  # ns: test, raw
+
         async def attempt(child: Child) -> Outcome[T]:
-            began = perf_counter()
+            began = perf_counter_ns()
             try:
                 return await operation(child), None
             except ChildError as error:
                 return None, error
             finally:
-                self.statistics.child_done(name, "raw" if child is self.raw else "test",
-                                           perf_counter() - began)
+                took[child is self.raw] = perf_counter_ns() - began
 
         if self.raw.runs_inline and self.test.runs_inline and not concurrent:
-            return await attempt(self.raw), await attempt(self.test)
+            outcomes = await attempt(self.raw), await attempt(self.test)
+            self.statistics.children_done(name, took[1], took[0])
+            return outcomes
         results: dict[str, Outcome[T]] = {}
 
         async def run(key: str, child: Child) -> None:
@@ -159,6 +163,7 @@ class VerifiedDevice:
             else:
                 nursery.start_soon(run, "raw", self.raw)
                 nursery.start_soon(run, "test", self.test)
+        self.statistics.children_done(name, took[1], took[0])
         return results["raw"], results["test"]
 
     async def _start_both(
@@ -168,35 +173,35 @@ class VerifiedDevice:
         starts it (an NBD child sends its request, a file child does the work in
         place), then both are awaited. Errors come back as (raw, test)."""
         started: list[Awaitable[None] | ChildError] = []
-        # A child's latency: its start (a file child's whole work) plus the wait
-        # for it after both started; the second child awaited is seen no sooner
-        # than the first.
-        spent: list[float] = []
+        marks = [perf_counter_ns()]  # then after each start, then after each wait
         for child in (self.test, self.raw):
-            began = perf_counter()
             try:
                 started.append(start(child))
             except ChildError as error:
                 started.append(error)
-            spent.append(perf_counter() - began)
-        all_started = perf_counter()
+            marks.append(perf_counter_ns())
         errors: list[ChildError | None] = []
         try:
-            for pending, role, in_start in zip(started, ("test", "raw"), spent, strict=True):
+            for pending in started:
                 if isinstance(pending, ChildError):
                     errors.append(pending)
-                    continue
-                try:
-                    await pending
-                    errors.append(None)
-                except ChildError as error:
-                    errors.append(error)
-                self.statistics.child_done(name, role, in_start + perf_counter() - all_started)
+                else:
+                    try:
+                        await pending
+                        errors.append(None)
+                    except ChildError as error:
+                        errors.append(error)
+                marks.append(perf_counter_ns())
         finally:
             for pending in started[len(errors) + 1:]:  # cancelled: never to be awaited
                 if isinstance(pending, Coroutine):
                     pending.close()
         test_error, raw_error = errors
+        # A child's latency: its start (a file child's whole work) and the wait for
+        # it once both started; the child awaited second is seen no sooner.
+        began, test_started, raw_started, test_done, raw_done = marks
+        self.statistics.children_done(name, raw_done - test_started,
+                                      test_started - began + test_done - raw_started)
         return raw_error, test_error
 
     def _settle(self, operation: str, offset: int, length: int,
@@ -264,7 +269,7 @@ class VerifiedDevice:
         length = len(data)
         self.statistics.started("write", length)
         async with self._ordering.hold(offset, offset + length, exclusive=True):
-            replaced = await self._replaced(offset, length)
+            replaced = await self._replaced(offset, length) if self._fingerprints else None
             if fua:  # the two syncs run concurrently
                 (_, raw), (_, test) = await self._on_both(
                     "write", lambda child: child.write(data, offset, fua), concurrent=True)
@@ -277,9 +282,7 @@ class VerifiedDevice:
             self._settle("write", offset, length, raw, test)
 
     async def _replaced(self, offset: int, length: int) -> bytearray | None:
-        """What RAW holds where a write goes, if provenance fingerprints it."""
-        if self.provenance is None or not self.provenance.fingerprints:
-            return None
+        """What RAW holds where a write goes, for provenance's fingerprints."""
         old = bytearray(length)
         try:
             await self.raw.read_into(memoryview(old), offset)

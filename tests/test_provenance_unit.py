@@ -13,12 +13,10 @@ import sys
 import zlib
 from pathlib import Path
 
-import pytest
-
 from nbdverify.changes import Change, ChangeKind, Origin
 from nbdverify.classify import MismatchClass, classify
 from nbdverify.provenance import CHUNK, LastWrite, Provenance, sector_pieces
-from nbdverify.statistics import LatencyHistogram, Statistics
+from nbdverify.statistics import WINDOW, LatencyWindow, Statistics
 from nbdverify_protocol.constants import CommandFlag
 
 KiB = 1024
@@ -274,45 +272,47 @@ def test_a_range_is_cut_where_its_last_writer_changes_and_keeps_bytes_for_dumps(
 
 # --- Statistics -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", range(3))
-def test_percentiles_are_within_an_eighth_of_the_truth(seed: int) -> None:
-    rng = random.Random(seed)
-    samples = [rng.lognormvariate(-10, 1.5) for _ in range(5000)]
-    histogram = LatencyHistogram()
-    for sample in samples:
-        histogram.record(sample)
-    ordered = sorted(int(s * 1e9) for s in samples)
-    for fraction in (0.5, 0.99):
-        truth = ordered[math.ceil(fraction * len(ordered)) - 1]
-        got = histogram.percentile(fraction)
-        assert truth <= got <= truth * 1.125 + 1, (fraction, truth, got)
-    assert histogram.max_ns == ordered[-1]
-    assert histogram.percentile(1.0) == ordered[-1]
+def test_percentiles_are_exact_over_the_recent_window_and_the_max_over_all() -> None:
+    window = LatencyWindow()
+    assert window.as_record() == {"p50_ns": 0, "p99_ns": 0, "max_ns": 0}
+    rng = random.Random(5)
+    samples = [rng.randrange(1, 10**6) for _ in range(1001)]
+    window.current.extend(samples)
+    ordered = sorted(samples)
+    assert window.percentile(0.5) == ordered[500]
+    assert window.percentile(0.99) == ordered[math.ceil(0.99 * 1001) - 1]
+    assert window.max_ns == ordered[-1] and window.count == 1001
+    window.roll()
+    window.current.extend([7, 8])
+    window.roll()  # the first thousand and one are dropped but for their maximum
+    assert window.percentile(0.5) == 7 and window.max_ns == ordered[-1]
+    assert window.count == 1003
 
 
-def test_small_latencies_are_exact_and_an_empty_histogram_says_zero() -> None:
-    histogram = LatencyHistogram()
-    assert histogram.as_record() == {"p50_ns": 0, "p99_ns": 0, "max_ns": 0}
-    for ns in (3, 5, 7):
-        histogram.record(ns / 1e9 + 1e-12)
-    assert histogram.percentile(0.5) == 5
+def test_children_done_rolls_both_windows_at_the_cap() -> None:
+    statistics = Statistics()
+    for _ in range(WINDOW * 2 + 1):
+        statistics.children_done("read", 5, 9)
+    entry = statistics.operations["read"]
+    assert entry.raw.count == entry.test.count == WINDOW * 2 + 1
+    assert len(entry.raw.current) == 1
 
 
 def test_statistics_summary_and_record() -> None:
     statistics = Statistics()
     statistics.started("write", 4096)
     statistics.started("write", 4096)
-    statistics.child_done("write", "raw", 20e-6)
-    statistics.child_done("write", "test", 2e-3)
+    statistics.children_done("write", 20_000, 2_000_000)
     statistics.started("flush")
     statistics.bytes_verified = 3 * MiB
     statistics.findings = 1
     record = statistics.as_record()
-    assert record["operations"]["write"] == {
-        "count": 2, "bytes": 8192,
-        "latency": {"raw": {"p50_ns": 20000, "p99_ns": 20000, "max_ns": 20000},
-                    "test": {"p50_ns": 2000000, "p99_ns": 2000000, "max_ns": 2000000}}}
-    assert record["operations"]["flush"] == {"count": 1, "bytes": 0, "latency": {}}
+    assert record["operations"] == {
+        "write": {"count": 2, "bytes": 8192,
+                  "latency": {"raw": {"p50_ns": 20000, "p99_ns": 20000, "max_ns": 20000},
+                              "test": {"p50_ns": 2000000, "p99_ns": 2000000,
+                                       "max_ns": 2000000}}},
+        "flush": {"count": 1, "bytes": 0, "latency": {}}}
     assert statistics.count("write") == 2 and statistics.count("read") == 0
     assert statistics.summary() == (
         "write 2 8.0 KiB (raw p50 20us p99 20us max 20us test p50 2.0ms p99 2.0ms max 2.0ms); "
