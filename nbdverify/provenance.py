@@ -7,9 +7,9 @@ Three structures, each capped, so memory stays bounded whatever the workload:
 - the map: per 16 MiB chunk of the export, sorted runs (start, sequence number)
   in two arrays, 12 bytes a run. Past RUN_CAP runs the chunks written longest
   ago are summarised into one run each: "not written since request #N".
-- the records: one row per change (operation, connection, cookie, offset,
-  length, flags, wall and monotonic time), 53 bytes, in columns. Past
-  RECORD_CAP the oldest quarter is forgotten; the map still names their number.
+- the records: one per change (operation, connection, cookie, offset, length,
+  flags, wall and monotonic time), 53 bytes, in a ring of the last RECORD_CAP;
+  older ones are forgotten, and the map still names their number.
 - with fingerprints on: a CRC-32 per sector of what each write replaced (read
   from RAW by the device just before the write) in a ring of FINGERPRINT_CAP,
   and the CRC-32 of the first sector of each 4 KiB piece of the most recent
@@ -50,9 +50,12 @@ _KEPT_FLAGS = int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO)
 _FLAG_NAMES = ((CommandFlag.FUA, "fua"), (CommandFlag.NO_HOLE, "no_hole"),
                (CommandFlag.FAST_ZERO, "fast_zero"))
 #: One record: kind and flags, connection (-1 none), cookie, offset, length, wall
-#: and monotonic time, first fingerprint's index in the ring (-1 none). Packed in
-#: one bytearray: a pack costs half of eight array appends.
+#: and monotonic time, first fingerprint's index in the ring (-1 none); a pack
+#: costs half of eight array appends.
 _RECORD = struct.Struct("<BiQQQddq")
+#: Records are kept in a ring of fixed pages, allocated as first needed: never
+#: reallocated, since copying a growing 14 MB buffer doubles the peak memory.
+PAGE_RECORDS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +136,12 @@ class Provenance:
         self._chunks: dict[int, tuple[array[int], array[int]]] = {}
         self._runs = 0
         self.summarised_chunks = 0
-        self._first = 1  # sequence number of the oldest record kept
-        self._records = bytearray()
-        self._kept = 0
+        self._page_records = min(PAGE_RECORDS, record_cap)
+        if record_cap % self._page_records:
+            raise ValueError("record_cap must be a multiple of PAGE_RECORDS")
+        self._pages: list[bytearray | None] = [None] * (record_cap // self._page_records)
+        self._first = 1  # the first sequence number seen since the last gap
+        self._newest = 0
         self._flushed_through = 0
         self._ring = array("I", [0]) * fingerprint_cap if fingerprints else array("I")
         self._ring_total = 0
@@ -147,9 +153,9 @@ class Provenance:
 
     def changed(self, change: Change) -> None:
         sequence = change.sequence
-        if sequence != self._first + self._kept:  # not contiguous: start afresh
-            self._forget(self._kept)
+        if sequence != self._newest + 1:  # not contiguous: forget what came before
             self._first = sequence
+        self._newest = sequence
         kind = change.kind
         fingerprint_at = -1
         if kind is ChangeKind.FLUSH:
@@ -161,19 +167,24 @@ class Provenance:
             if change.data is not None and self.fingerprints:
                 self._index_pieces(sequence, change.offset, change.data)
         origin = change.origin
-        self._records += _RECORD.pack(
-            _KIND_CODES[kind] | (change.flags & _KEPT_FLAGS) << 2,
+        page, at = divmod(sequence % self._record_cap, self._page_records)
+        records = self._pages[page]
+        if records is None:
+            records = self._pages[page] = bytearray(self._page_records * _RECORD.size)
+        _RECORD.pack_into(
+            records, at * _RECORD.size, _KIND_CODES[kind] | (change.flags & _KEPT_FLAGS) << 2,
             -1 if origin is None else origin.connection, 0 if origin is None else origin.cookie,
             change.offset, change.length, change.wall_time, change.monotonic_time,
             fingerprint_at)
-        self._kept += 1
-        if self._kept > self._record_cap:
-            self._forget(self._record_cap // 4)
 
-    def _forget(self, count: int) -> None:
-        del self._records[:count * _RECORD.size]
-        self._kept -= count
-        self._first += count
+    def _record(self, sequence: int) -> tuple[Any, ...] | None:
+        """The fields packed for `sequence`, if still in the ring."""
+        if not max(self._first, self._newest - self._record_cap + 1) <= sequence <= self._newest:
+            return None
+        page, at = divmod(sequence % self._record_cap, self._page_records)
+        records = self._pages[page]
+        assert records is not None
+        return _RECORD.unpack_from(records, at * _RECORD.size)
 
     def _assign(self, start: int, end: int, sequence: int) -> None:
         while start < end:
@@ -327,11 +338,10 @@ class Provenance:
             return None
         if code < 0:
             return LastWrite(-code, flushed=-code - 1 <= self._flushed_through, exact=False)
-        index = code - self._first
-        if index < 0:
+        record = self._record(code)
+        if record is None:
             return LastWrite(code, flushed=code <= self._flushed_through)
-        kind, connection, cookie, offset, length, wall, monotonic, _ = _RECORD.unpack_from(
-            self._records, index * _RECORD.size)
+        kind, connection, cookie, offset, length, wall, monotonic, _ = record
         flags = kind >> 2
         return LastWrite(
             code,
@@ -348,10 +358,10 @@ class Provenance:
 
     def replaced_fingerprints(self, write: LastWrite) -> array[int] | None:
         """The CRC-32 of each sector (sector_pieces) that `write` replaced, if kept."""
-        index = write.sequence - self._first
-        if not write.exact or write.operation is not ChangeKind.WRITE or index < 0:
+        record = None if not write.exact else self._record(write.sequence)
+        if record is None or write.operation is not ChangeKind.WRITE:
             return None
-        first = _RECORD.unpack_from(self._records, index * _RECORD.size)[-1]
+        first = record[-1]
         count = len(sector_pieces(write.offset, write.length))
         capacity = self._fingerprint_cap
         if first < 0 or first < self._ring_total - capacity:
@@ -370,6 +380,7 @@ class Provenance:
         """Roughly what the structures hold, for the statistics record."""
         arrays: list[array[Any]] = [a for chunk in self._chunks.values() for a in chunk]
         return (sum(sys.getsizeof(a) for a in arrays) + sys.getsizeof(self._ring)
-                + sys.getsizeof(self._records) + sys.getsizeof(self._chunks)
+                + sum(sys.getsizeof(page) for page in self._pages if page is not None)
+                + sys.getsizeof(self._chunks)
                 + sys.getsizeof(self._recent) + sys.getsizeof(self._recent_order)
                 + len(self._recent) * 150)
