@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="append each finding to FILE as one JSON object a line")
     verify.add_argument("--fingerprints", action="store_true",
                         help="read what RAW holds before each write and keep CRC-32s of it, "
-                        "so a mismatch can be told stale, torn or misdirected (costs about "
-                        "a third more per 4 KiB write)")
+                        "so a mismatch can be told stale, torn or misdirected (an extra RAW read "
+                        "and about a quarter more CPU per 4 KiB write)")
     verify.add_argument("--dump-dir", metavar="DIR",
                         help="write both children's differing bytes of each finding, and its "
                         "JSON, under DIR")
