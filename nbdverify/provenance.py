@@ -24,6 +24,7 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -111,6 +112,16 @@ class LastWrite:
         }
 
 
+def _chunk_spans(start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(chunk number, start, end within that chunk) for each chunk [start, end) touches."""
+    while start < end:
+        number = start >> CHUNK_SHIFT
+        base = number << CHUNK_SHIFT
+        stop = min(end, base + CHUNK)
+        yield number, start - base, stop - base
+        start = stop
+
+
 def sector_pieces(offset: int, length: int) -> list[tuple[int, int]]:
     """[start, end) of each device sector a range touches, clipped to it: the
     units fingerprints are kept in."""
@@ -187,16 +198,12 @@ class Provenance:
         return _RECORD.unpack_from(records, at * _RECORD.size)
 
     def _assign(self, start: int, end: int, sequence: int) -> None:
-        while start < end:
-            number = start >> CHUNK_SHIFT
-            base = number << CHUNK_SHIFT
-            stop = min(end, base + CHUNK)
+        for number, a, b in _chunk_spans(start, end):
             chunk = self._chunks.get(number)
             if chunk is None:
                 chunk = self._chunks[number] = (array("I", [0]), array("q", [0]))
                 self._runs += 1
             starts, sequences = chunk
-            a, b = start - base, stop - base
             i = bisect_right(starts, a) - 1  # the run holding a
             run_start = starts[i]
             run_end = starts[i + 1] if i + 1 < len(starts) else CHUNK
@@ -204,7 +211,6 @@ class Provenance:
                 self._split_run(starts, sequences, i, run_start, run_end, a, b, sequence)
             else:
                 self._replace_runs(starts, sequences, i, a, b, sequence)
-            start = stop
         if self._runs > self._run_cap:
             self._summarise()
 
@@ -310,27 +316,24 @@ class Provenance:
         """[start, end) cut where the last writer changes, each piece with it
         (None: initial content, never written since start)."""
         pieces: list[tuple[int, int, int]] = []
-        while start < end:
-            number = start >> CHUNK_SHIFT
+        for number, a, b in _chunk_spans(start, end):
             base = number << CHUNK_SHIFT
-            stop = min(end, base + CHUNK)
             chunk = self._chunks.get(number)
             if chunk is None:
-                found = [(start, stop, 0)]
+                found = [(base + a, base + b, 0)]
             else:
                 starts, sequences = chunk
-                i = bisect_right(starts, start - base) - 1
+                i = bisect_right(starts, a) - 1
                 found = []
-                while i < len(starts) and base + starts[i] < stop:
-                    run_end = base + (starts[i + 1] if i + 1 < len(starts) else CHUNK)
-                    found.append((max(start, base + starts[i]), min(stop, run_end), sequences[i]))
+                while i < len(starts) and starts[i] < b:
+                    run_end = starts[i + 1] if i + 1 < len(starts) else CHUNK
+                    found.append((base + max(a, starts[i]), base + min(b, run_end), sequences[i]))
                     i += 1
             for piece in found:
                 if pieces and pieces[-1][2] == piece[2] and pieces[-1][1] == piece[0]:
                     pieces[-1] = (pieces[-1][0], piece[1], piece[2])
                 else:
                     pieces.append(piece)
-            start = stop
         return [(a, b, self.last_write(code)) for a, b, code in pieces]
 
     def last_write(self, code: int) -> LastWrite | None:
