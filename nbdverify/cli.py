@@ -358,6 +358,11 @@ async def serve(args: argparse.Namespace) -> int:
                                        f"{error.strerror or error}") from None
                 reporter.attach(report)
             if args.dump_dir:
+                try:
+                    Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise StartupError(f"cannot create dump directory {args.dump_dir}: "
+                                       f"{error.strerror or error}") from None
                 reporter.also.append(DumpDir(Path(args.dump_dir), args.dump_max_findings,
                                              args.dump_max_bytes))
             server = Server(device, ExportConfig(args.exportname, args.description,
@@ -393,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.children = parse_images(args.images)
         if args.tls != TlsMode.OFF.value and not args.tls_certificates:
             raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
+        for option in ("dump_max_findings", "dump_max_bytes"):
+            if getattr(args, option) < 0:
+                raise UsageError(f"--{option.replace('_', '-')} must not be negative")
     except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
