@@ -169,9 +169,8 @@ class Mismatch(Finding):
         count = f"{d.differing_sectors} of {d.total_sectors} sectors differ"
         if not self.ranges:
             return f"{where}, {count}"
-        more = len(self.ranges) - 1
-        others = f" in {more + 1} ranges" if more else ""
-        return f"{where}: {self.ranges[0].describe()}; {count}{others}"
+        spread = f" in {len(self.ranges)} ranges" if len(self.ranges) > 1 else ""
+        return f"{where}: {self.ranges[0].describe()}; {count}{spread}"
 
     @property
     def error_offset(self) -> int | None:
