@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--fingerprints", action="store_true",
                         help="read what RAW holds before each write and keep CRC-32s of it, "
                         "so a mismatch can be told stale, torn or misdirected (an extra RAW read "
-                        "and about a quarter more CPU per 4 KiB write)")
+                        "and about a third more server CPU per 4 KiB write)")
     verify.add_argument("--dump-dir", metavar="DIR",
                         help="write both children's differing bytes of each finding, and its "
                         "JSON, under DIR")
