@@ -251,7 +251,7 @@ def test_sigusr1_reports_statistics_while_a_client_runs(tmp_path: Path,
         assert 0 < latency["p50_ns"] <= latency["p99_ns"] <= latency["max_ns"]
     lines = [line for line in server.stderr.splitlines() if "statistics: " in line]
     assert len(lines) == 3
-    size = f"{WORKLOAD // 16}.0 MiB"
+    size = f"{WORKLOAD * 65536 / (1 << 20):.1f} MiB"
     assert re.search(rf"write {WORKLOAD} {size} \(raw p50 \S+ p99 \S+ max \S+ test p50", lines[-1])
 
 
