@@ -29,12 +29,13 @@ class Origin:
 
 
 # Not frozen: a frozen dataclass of this size takes 2.3 us to build (object.__setattr__
-# per field), a plain one 0.4 us, and one is built for every change. Observers must
+# per field), a plain one 0.3-0.4 us, and one is built for every change. Observers must
 # not modify it.
 @dataclass(slots=True)
 class Change:
-    """One completed change. `data` is a WRITE's payload, valid only while the
-    observers are being called (it is the request's buffer, not a copy)."""
+    """One completed change. `data` is a WRITE's payload and `replaced` what RAW
+    held there before it (only when the device was asked to keep it), both valid
+    only while the observers are being called (request buffers, not copies)."""
 
     sequence: int
     kind: ChangeKind
@@ -49,6 +50,10 @@ class Change:
     #: A child failed the request: RAW (the reference) or TEST may not hold it.
     raw_failed: bool = False
     test_failed: bool = False
+    replaced: bytes | bytearray | memoryview | None = None
+    #: FLUSH only: the changes numbered up to this one had completed when the flush
+    #: began, so they are now on stable storage (later ones may not be).
+    covers: int = 0
 
 
 class ChangeObserver(Protocol):

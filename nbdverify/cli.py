@@ -30,9 +30,11 @@ from .device import (
     VerificationFailed,
     VerifiedDevice,
 )
+from .dumps import DEFAULT_MAX_BYTES, DEFAULT_MAX_FINDINGS, DumpDir
 from .log import configure_logging, log_event
 from .policy import MismatchPolicy, OnMismatch
 from .process import set_parent_death_signal
+from .provenance import Provenance
 from .report import Reporter
 from .server import ExportConfig, Server, TlsConfig
 from .specs import ChildSpec, SpecError, open_child, parse_images
@@ -106,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a child that takes longer to answer a request has failed it")
     verify.add_argument("--report", metavar="FILE",
                         help="append each finding to FILE as one JSON object a line")
+    verify.add_argument("--fingerprints", action="store_true",
+                        help="read what RAW holds before each write and keep CRC-32s of it, "
+                        "so a mismatch can be told stale, torn or misdirected (an extra RAW read "
+                        "and about a third more server CPU per 4 KiB write)")
+    verify.add_argument("--dump-dir", metavar="DIR",
+                        help="write both children's differing bytes of each finding, and its "
+                        "JSON, under DIR")
+    verify.add_argument("--dump-max-findings", type=int, default=DEFAULT_MAX_FINDINGS,
+                        metavar="N", help="dump at most N findings (default %(default)s)")
+    verify.add_argument("--dump-max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
+                        help="dump at most BYTES in all (default %(default)s)")
     run = serve.add_argument_group("running")
     run.add_argument("-P", "--pidfile", metavar="FILE", help="write the process id here once ready")
     run.add_argument("--run", metavar="CMD",
@@ -237,9 +250,11 @@ async def open_device(args: argparse.Namespace, reporter: Reporter,
                                    f"{error.detail}") from None
         raw, test = children
         try:
-            return VerifiedDevice(raw, test, export_name=args.exportname,
-                                  policy=MismatchPolicy(OnMismatch(args.on_mismatch)),
-                                  on_finding=reporter)
+            device = VerifiedDevice(raw, test, export_name=args.exportname,
+                                    policy=MismatchPolicy(OnMismatch(args.on_mismatch)),
+                                    on_finding=reporter, provenance=Provenance(args.fingerprints))
+            device.keep_mismatch_bytes = args.dump_dir is not None
+            return device
         except SizeMismatch as error:
             raise StartupError(f"{error} (RAW {raw_spec.target}, TEST {test_spec.target}); "
                                "they must start identical") from None
@@ -321,7 +336,8 @@ class Outcome:
     command_status: int | None = None
 
 
-async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespace) -> int:
+async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespace,
+                     reporter: Reporter) -> int:
     try:
         listeners = await open_listeners(endpoint)
     except OSError as error:
@@ -330,7 +346,7 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
     policy = server.device.policy
     # Signals are caught from before the server says it serves (or writes its
     # pidfile): a SIGTERM sent the moment it is ready still shuts down cleanly.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
             if args.pidfile:
@@ -338,7 +354,7 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
             log_event(logging.INFO, "serving", f"serving {endpoint.uri}", uri=endpoint.uri,
                       raw=server.device.raw.location, test=server.device.test.location)
             async with trio.open_nursery() as helpers:
-                helpers.start_soon(_stop_on_signal, server, signals)
+                helpers.start_soon(_on_signals, server, signals, reporter)
                 if policy.exits_on_stop:
                     helpers.start_soon(_stop_with_export, server)
                 if args.run:
@@ -349,11 +365,22 @@ async def run_server(server: Server, endpoint: Endpoint, args: argparse.Namespac
     return policy.exit_status(outcome.command_status)
 
 
-async def _stop_on_signal(server: Server, signals: AsyncIterator[int]) -> None:
+async def _on_signals(server: Server, signals: AsyncIterator[int], reporter: Reporter) -> None:
+    """SIGUSR1 reports statistics; SIGINT and SIGTERM shut down."""
     async for signum in signals:
+        if signum == signal.SIGUSR1:
+            report_statistics(server.device, reporter)
+            continue
         log_event(logging.INFO, "signal", f"{signal.Signals(signum).name}: shutting down")
         server.stop()
         return
+
+
+def report_statistics(device: VerifiedDevice, reporter: Reporter) -> None:
+    record = device.statistics.as_record()
+    if device.provenance is not None:
+        record["provenance_bytes"] = device.provenance.memory_bytes()
+    reporter.statistics(device.statistics.summary(), record)
 
 
 async def _stop_with_export(server: Server) -> None:
@@ -398,16 +425,25 @@ async def serve(args: argparse.Namespace) -> int:
                                                      *(spec.target for spec in args.children))
                 except journal.JournalError as error:
                     raise StartupError(str(error)) from None
+            if args.dump_dir:
+                try:
+                    Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise StartupError(f"cannot create dump directory {args.dump_dir}: "
+                                       f"{error.strerror or error}") from None
+                reporter.also.append(DumpDir(Path(args.dump_dir), args.dump_max_findings,
+                                             args.dump_max_bytes))
             server = Server(device, ExportConfig(args.exportname, args.description,
                                                  args.readonly), tls_config(args),
                             extended_headers=not args.no_extended_headers)
-            status = await run_server(server, endpoint, args)
+            status = await run_server(server, endpoint, args, reporter)
             if not args.readonly:
                 with contextlib.suppress(DeviceError, VerificationFailed):
                     await device.flush()
+            report_statistics(device, reporter)
             stats = device.statistics
             log_event(logging.INFO, "stopped", "stopped", findings=device.policy.findings,
-                      reads=stats.reads, writes=stats.writes,
+                      reads=stats.count("read"), writes=stats.count("write"),
                       bytes_verified=stats.bytes_verified,
                       bytes_unverified=stats.bytes_unverified)
             return status
@@ -438,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
         if args.journal_max_size is not None and not args.journal:
             raise UsageError("--journal-max-size needs --journal FILE")
+        for option in ("dump_max_findings", "dump_max_bytes"):
+            if getattr(args, option) < 0:
+                raise UsageError(f"--{option.replace('_', '-')} must not be negative")
     except (UsageError, SpecError) as error:
         print(f"nbdverify: error: {error}", file=sys.stderr)
         return EXIT_USAGE

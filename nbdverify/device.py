@@ -11,15 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Any, Generic, TypeVar
 
 from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 from .changes import Change, ChangeKind, ChangeObserver, Origin
-from .children import Child, ChildError, Extent, Later, Pending
+from .children import Child, ChildError, Extent, Failed, FileChild, Later, Pending
+from .classify import classify
 from .findings import Divergence, Finding, Mismatch, compare
 from .policy import MismatchPolicy
+from .provenance import Provenance
 from .ranges import Hold, RangeSet, RequestOrdering
+from .statistics import Statistics
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,26 +55,17 @@ class SizeMismatch(Exception):
         )
 
 
-@dataclass(slots=True)
-class Statistics:
-    reads: int = 0
-    writes: int = 0
-    bytes_verified: int = 0
-    bytes_unverified: int = 0
-
-
 Outcome = tuple[T | None, ChildError | None]
 
 
-async def _both(raw: Pending[T], test: Pending[T]) -> tuple[Outcome[T], Outcome[T]]:
-    """Await two started child operations; each result or its error."""
-    results: list[Outcome[T]] = []
-    for pending in (raw, test):
-        try:
-            results.append((await pending, None))
-        except ChildError as error:
-            results.append((None, error))
-    return results[0], results[1]
+@dataclass(slots=True)
+class Started(Generic[T]):
+    """One operation's two started parts, and when and what it was (for latency)."""
+
+    raw: Pending[T]
+    test: Pending[T]
+    operation: str
+    began: int  # perf_counter_ns() before either child started
 
 
 class Operation(Generic[T]):
@@ -117,6 +112,7 @@ class VerifiedDevice:
         export_name: str = "",
         policy: MismatchPolicy | None = None,
         on_finding: Callable[[Finding], None] = lambda finding: None,
+        provenance: Provenance | None = None,
     ) -> None:
         if raw.size != test.size:
             raise SizeMismatch(raw, test)
@@ -133,22 +129,46 @@ class VerifiedDevice:
         #: Told of every completed change, in completion order (provenance, journal).
         self.observers: list[ChangeObserver] = []
         self._changes = 0
+        #: Who last wrote each byte, for findings that name the guilty write.
+        self.provenance = provenance
+        if provenance is not None:
+            self.observers.append(provenance)
+        self._fingerprints = provenance is not None and provenance.fingerprints
+        #: Findings keep both children's bytes of each differing range (--dump-dir).
+        self.keep_mismatch_bytes = False
 
     def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
                  origin: Origin | None,
                  data: bytes | bytearray | memoryview | None = None, *,
-                 raw: ChildError | None = None, test: ChildError | None = None) -> None:
+                 raw: ChildError | None = None, test: ChildError | None = None,
+                 replaced: bytearray | None = None, covers: int = 0) -> None:
         """Number a change both children completed (`raw`, `test`: unless one failed
         it) and tell the observers."""
         self._changes += 1
         if not self.observers:
             return
         change = Change(self._changes, kind, offset, length, flags, origin, time.time(),
-                        time.monotonic(), data, raw is not None, test is not None)
+                        time.monotonic(), data, raw is not None, test is not None, replaced,
+                        covers)
         for observer in self.observers:
             observer.changed(change)
 
     # --- Starting an operation on both children -------------------------------------
+
+    async def _both(self, started: Started[T]) -> tuple[Outcome[T], Outcome[T]]:
+        """Await both parts; each result or its error. Each child's latency is from
+        the start to when its part was seen done (a perf_counter_ns call is ~60 ns)."""
+        results: list[Outcome[T]] = []
+        done: list[int] = []
+        for pending in (started.raw, started.test):
+            try:
+                results.append((await pending, None))
+            except ChildError as error:
+                results.append((None, error))
+            done.append(perf_counter_ns())
+        self.statistics.children_done(started.operation, done[0] - started.began,
+                                      done[1] - started.began)
+        return results[0], results[1]
 
     def _on_each(self, start: Callable[[Child], Pending[T]]) -> Starter[T]:
         """Start on both: TEST first, so that an NBD child's request is on its way
@@ -158,34 +178,38 @@ class VerifiedDevice:
             return start(self.raw), test
         return start_both
 
-    def _start(self, offset: int, length: int, exclusive: bool, start_both: Starter[T],
-               finish: Callable[[Pending[T], Pending[T]], Coroutine[Any, Any, R]],
+    def _start(self, operation: str, offset: int, length: int, exclusive: bool,
+               start_both: Starter[T], finish: Callable[[Started[T]], Coroutine[Any, Any, R]],
                waits_long: bool = False) -> Operation[R]:
         """The one way every operation runs: claim its range, start it on both
         children, and return what finishes it."""
+        self.statistics.started(operation, length)
         hold = self._ordering.enter(offset, offset + length, exclusive)
         if hold.blocked:
-            return Operation(self._start_later(hold, start_both, finish), hold, (), waits_long)
+            return Operation(self._start_later(hold, operation, start_both, finish), hold, (),
+                             waits_long)
+        began = perf_counter_ns()
         raw, test = start_both()
-        return Operation(self._finish_then_release(hold, finish, raw, test), hold, (raw, test),
-                         waits_long)
+        return Operation(self._finish_then_release(hold, finish,
+                                                   Started(raw, test, operation, began)),
+                         hold, (raw, test), waits_long)
 
-    async def _start_later(self, hold: Hold, start_both: Starter[T],
-                           finish: Callable[[Pending[T], Pending[T]],
-                                            Coroutine[Any, Any, R]]) -> R:
+    async def _start_later(self, hold: Hold, operation: str, start_both: Starter[T],
+                           finish: Callable[[Started[T]], Coroutine[Any, Any, R]]) -> R:
         try:
             await hold.wait()
+            began = perf_counter_ns()
             raw, test = start_both()
-            return await finish(raw, test)
+            return await finish(Started(raw, test, operation, began))
         finally:
             hold.release()
 
     @staticmethod
-    async def _finish_then_release(
-            hold: Hold, finish: Callable[[Pending[T], Pending[T]], Coroutine[Any, Any, R]],
-            raw: Pending[T], test: Pending[T]) -> R:
+    async def _finish_then_release(hold: Hold,
+                                   finish: Callable[[Started[T]], Coroutine[Any, Any, R]],
+                                   started: Started[T]) -> R:
         try:
-            return await finish(raw, test)
+            return await finish(started)
         finally:
             hold.release()
 
@@ -207,6 +231,7 @@ class VerifiedDevice:
 
     def _found(self, finding: Finding) -> None:
         """Report a finding; raise unless the policy says the request goes on."""
+        self.statistics.findings += 1
         fails = self.policy.judge(finding)
         self._on_finding(finding)
         if fails:
@@ -216,22 +241,24 @@ class VerifiedDevice:
 
     def read(self, offset: int, length: int, headroom: int = 0) -> Operation[bytearray]:
         """The verified bytes, after `headroom` spare bytes for a reply header."""
-        self.statistics.reads += 1
         reference = bytearray(headroom + length)
         candidate = bytearray(headroom + length)
-        views = {self.raw: memoryview(reference)[headroom:],
-                 self.test: memoryview(candidate)[headroom:]}
+        raw_view = memoryview(reference)[headroom:]
+        test_view = memoryview(candidate)[headroom:]
 
-        async def finish(raw: Pending[None], test: Pending[None]) -> bytearray:
-            (_, raw_error), (_, test_error) = await _both(raw, test)
+        async def finish(started: Started[None]) -> bytearray:
+            (_, raw_error), (_, test_error) = await self._both(started)
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference
             self._verify(reference, candidate, headroom, offset, length)
             return reference
 
-        return self._start(offset, length, False,
-                           self._on_each(lambda child: child.read(views[child], offset)), finish)
+        def start_both() -> tuple[Pending[None], Pending[None]]:
+            test = self.test.read(test_view, offset)  # TEST first: see _on_each
+            return self.raw.read(raw_view, offset), test
+
+        return self._start("read", offset, length, False, start_both, finish)
 
     def _verify(self, reference: bytearray, candidate: bytearray, headroom: int,
                 offset: int, length: int) -> None:
@@ -246,16 +273,24 @@ class VerifiedDevice:
         if reference != candidate:
             difference = compare(reference, candidate, headroom, offset, length)
             assert difference is not None
+            # Worked out only now that there is a mismatch: classes and last writers.
+            ranges = () if self.provenance is None else classify(
+                self.provenance, offset, reference, candidate, headroom, difference.ranges,
+                self.keep_mismatch_bytes)
             self._found(Mismatch(self.export_name, "read", offset, length,
-                                 difference=difference))
+                                 difference=difference, ranges=ranges))
         self.statistics.bytes_verified += length
 
     def _change(self, kind: ChangeKind, offset: int, length: int, flags: int,
                 origin: Origin | None, data: bytes | bytearray | memoryview | None,
                 start_both: Starter[None]) -> Operation[None]:
         """WRITE, WRITE_ZEROES or TRIM: on both children, then recorded."""
-        async def finish(raw: Pending[None], test: Pending[None]) -> None:
-            (_, raw_error), (_, test_error) = await _both(raw, test)
+        replaced: list[bytearray | None] = [None]
+        if self._fingerprints and kind is ChangeKind.WRITE:
+            start_both = self._keeping_old_content(offset, length, replaced, start_both)
+
+        async def finish(started: Started[None]) -> None:
+            (_, raw_error), (_, test_error) = await self._both(started)
             if raw_error and raw_error.error == Errno.ENOTSUP and flags & CommandFlag.FAST_ZERO:
                 raise DeviceError(Errno.ENOTSUP, "cannot zero quickly")  # nothing was zeroed
             if kind is ChangeKind.TRIM:
@@ -263,15 +298,27 @@ class VerifiedDevice:
             else:
                 self._unverified.remove(offset, offset + length)
             self._changed(kind, offset, length, flags, origin, data, raw=raw_error,
-                          test=test_error)
+                          test=test_error, replaced=replaced[0])
             self._settle(kind.value, offset, length, raw_error, test_error)
 
-        return self._start(offset, length, True, start_both, finish,
+        return self._start(kind.value, offset, length, True, start_both, finish,
                            waits_long=bool(flags & CommandFlag.FUA))
+
+    def _keeping_old_content(self, offset: int, length: int, replaced: list[bytearray | None],
+                             start_both: Starter[None]) -> Starter[None]:
+        """--fingerprints: what RAW holds where a write goes, read just before the
+        write starts (its range is held by then). Only a file RAW answers at once;
+        with an NBD RAW the classes that need it fall back (see classify)."""
+        def start() -> tuple[Pending[None], Pending[None]]:
+            if isinstance(self.raw, FileChild):
+                old = bytearray(length)
+                if not isinstance(self.raw.read(memoryview(old), offset), Failed):
+                    replaced[0] = old
+            return start_both()
+        return start
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
               origin: Origin | None = None) -> Operation[None]:
-        self.statistics.writes += 1
         return self._change(ChangeKind.WRITE, offset, len(data), CommandFlag.FUA if fua else 0,
                             origin, data,
                             self._on_each(lambda child: child.write(data, offset, fua)))
@@ -314,35 +361,37 @@ class VerifiedDevice:
 
     def flush(self, origin: Origin | None = None) -> Operation[None]:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
-        async def finish(raw: Pending[None], test: Pending[None]) -> None:
-            (_, raw_error), (_, test_error) = await _both(raw, test)
-            self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, raw=raw_error, test=test_error)
+        covers = self._changes  # what had completed when the flush began
+
+        async def finish(started: Started[None]) -> None:
+            (_, raw_error), (_, test_error) = await self._both(started)
+            self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, raw=raw_error, test=test_error,
+                          covers=covers)
             self._settle("flush", 0, 0, raw_error, test_error)
 
         # A flush claims no range: it covers what completed before it.
-        return self._start(0, 0, False, self._on_each(lambda child: child.flush()), finish,
-                           waits_long=True)
+        return self._start("flush", 0, 0, False, self._on_each(lambda child: child.flush()),
+                           finish, waits_long=True)
 
     def cache(self, offset: int, length: int) -> Operation[None]:
-        async def finish(raw: Pending[None], test: Pending[None]) -> None:
-            (_, raw_error), (_, test_error) = await _both(raw, test)
+        async def finish(started: Started[None]) -> None:
+            (_, raw_error), (_, test_error) = await self._both(started)
             self._settle("cache", offset, length, raw_error, test_error)
 
-        return self._start(offset, length, False,
+        return self._start("cache", offset, length, False,
                            self._on_each(lambda child: child.cache(offset, length)), finish)
 
     def block_status(self, offset: int, length: int) -> Operation[list[Extent]]:
         """Allocation where both children agree: a range is a hole, or reads as
         zero, only if it is so on both. A child that cannot tell counts as data."""
-        async def finish(raw_pending: Pending[list[Extent]],
-                         test_pending: Pending[list[Extent]]) -> list[Extent]:
-            (raw, _), (test, _) = await _both(raw_pending, test_pending)
+        async def finish(started: Started[list[Extent]]) -> list[Extent]:
+            (raw, _), (test, _) = await self._both(started)
             return merge_extents(
                 raw or [Extent(length, AllocationState.DATA)],
                 test or [Extent(length, AllocationState.DATA)],
             )
 
-        return self._start(offset, length, False,
+        return self._start("block_status", offset, length, False,
                            self._on_each(lambda child: child.extents(offset, length)), finish)
 
     @property

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from nbdverify_protocol.constants import SECTOR_SIZE
 
+from .classify import ClassifiedRange
+
 # Differences are located block by block, then sector by sector inside the
 # blocks that differ, so a mismatch in a 64 MiB read is found in milliseconds.
 SCAN_BLOCK = 64 * 1024
@@ -157,14 +159,18 @@ class Mismatch(Finding):
 
     kind: ClassVar[str] = "mismatch"
     difference: Difference
+    #: Every differing range cut at last-writer boundaries, classified (classify.py).
+    ranges: tuple[ClassifiedRange, ...] = ()
 
     def summary(self) -> str:
         d = self.difference
-        return (
-            f"{self.operation} offset={self.offset} length={self.length} mismatch at offset "
-            f"{d.first_offset} (sector {d.first_sector}), {d.differing_sectors} of "
-            f"{d.total_sectors} sectors differ"
-        )
+        where = (f"{self.operation} offset={self.offset} length={self.length} mismatch at "
+                 f"offset {d.first_offset} (sector {d.first_sector})")
+        count = f"{d.differing_sectors} of {d.total_sectors} sectors differ"
+        if not self.ranges:
+            return f"{where}, {count}"
+        spread = f" in {len(self.ranges)} ranges" if len(self.ranges) > 1 else ""
+        return f"{where}: {self.ranges[0].describe()}; {count}{spread}"
 
     @property
     def error_offset(self) -> int | None:
@@ -181,6 +187,7 @@ class Mismatch(Finding):
         d = self.difference
         record = super().as_record()
         del record["difference"]
+        record["ranges"] = [classified.as_record() for classified in self.ranges]
         record.update(
             mismatch_offset=d.first_offset,
             sector=d.first_sector,

@@ -79,12 +79,19 @@ class RunningServer:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def report_records(self) -> list[dict[str, object]]:
+    def all_report_records(self) -> list[dict[str, object]]:
         import json
 
         if not self.report.exists():
             return []
         return [json.loads(line) for line in self.report.read_text().splitlines() if line]
+
+    def report_records(self) -> list[dict[str, object]]:
+        """The findings in the report (not the statistics records)."""
+        return [r for r in self.all_report_records() if r["kind"] != "statistics"]
+
+    def statistics_records(self) -> list[dict[str, object]]:
+        return [r for r in self.all_report_records() if r["kind"] == "statistics"]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.process.poll() is None:

@@ -73,6 +73,7 @@ def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
         ("three-images", "RAW TEST"),
         ("bad-policy", "bogus"),
         ("blkverify-one-path", "blkverify:onlyone"),
+        ("negative-dump-cap", "--dump-max-bytes must not be negative"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_2(
@@ -85,6 +86,7 @@ def test_bad_arguments_print_one_line_and_exit_2(
         "three-images": [raw, test, raw],
         "bad-policy": [raw, test, "--on-mismatch=bogus"],
         "blkverify-one-path": ["blkverify:onlyone"],
+        "negative-dump-cap": [raw, test, "--dump-dir", str(tmp_path), "--dump-max-bytes=-1"],
     }
     socket, pidfile, report = tmp_path / "nbd.sock", tmp_path / "pid", tmp_path / "report"
     before = images.raw_bytes(), images.test_bytes()
@@ -365,8 +367,8 @@ def test_json_log_format_writes_one_object_a_line(
     serving = entries[events.index("serving")]
     assert serving["uri"] == uri
     mismatch = entries[events.index("mismatch")]
-    assert "mismatch at offset 1049576 (sector 2049), 1 of 128 sectors differ" in (
-        mismatch["message"])
+    assert ("mismatch at offset 1049576 (sector 2049): bitflip, 4 bits differ from its initial "
+            "content; 1 of 128 sectors differ") in mismatch["message"]
 
 
 def test_unwritable_report_file_is_a_clear_startup_error(images: ImagePair,
@@ -380,3 +382,15 @@ def test_unwritable_report_file_is_a_clear_startup_error(images: ImagePair,
         "No such file or directory"]
     assert not (tmp_path / "s.sock").exists()
     assert images.raw_bytes() == before == images.test_bytes()
+
+
+def test_a_dump_dir_that_cannot_be_made_is_a_clear_startup_error(images: ImagePair,
+                                                                 tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = nbdverify("serve", str(images.raw), str(images.test), "-U",
+                       str(tmp_path / "s.sock"), "--dump-dir", str(blocker / "dumps"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"nbdverify: cannot create dump directory {blocker / 'dumps'}: Not a directory"]
+    assert not (tmp_path / "s.sock").exists()

@@ -39,7 +39,8 @@ CLEAN_OFFSET = 4 << 20  # a range far from every corruption these tests make
 QEMU_TIMEOUT = 30.0
 SUMMARY = (
     f"read offset={READ_OFFSET} length={READ_LENGTH} mismatch at offset {CORRUPT_OFFSET} "
-    f"(sector {CORRUPT_SECTOR}), 1 of {READ_LENGTH // SECTOR} sectors differ"
+    f"(sector {CORRUPT_SECTOR}): bitflip, 4 bits differ from its initial content; "
+    f"1 of {READ_LENGTH // SECTOR} sectors differ"
 )
 # How many fresh servers the connection-closing check tries: the bug it guards
 # against is a race the client wins most of the time, not every time.
