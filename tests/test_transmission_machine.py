@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nbdverify_protocol import wire
-from nbdverify_protocol.buffers import DISCARD_CHUNK
+from nbdverify_protocol.buffers import DISCARD_CHUNK, RECEIVE_SIZE
 from nbdverify_protocol.constants import (
     BASE_ALLOCATION,
     REQUEST_MAGIC,
@@ -157,6 +157,16 @@ def test_simple_session_frames_refusals_and_zero_length_read_as_simple_replies()
     ]
 
 
+def test_bigger_than_the_input_buffer_in_one_feed() -> None:
+    """Regression: receive_data of more than the input buffer holds looped forever (the
+    full buffer offered no room, and a 0-byte receive reads as end of stream)."""
+    count = 2 * RECEIVE_SIZE // 28 + 100
+    data = b"".join(request_bytes(R, 0, 512, cookie) for cookie in range(count))
+    events = run(STRUCTURED, [data])
+    assert [event.cookie for event in events if isinstance(event, Request)] == list(range(count))
+    assert events[-1] == EndOfStream()
+
+
 # --- Streams built by hypothesis ---------------------------------------------------------
 
 
@@ -259,6 +269,27 @@ def test_refused_write_payload_is_drained_through_one_scratch_buffer(
     # The next request is read as usual.
     machine.receive_data(request_bytes(FLUSH, 0, 0, 2))
     assert machine.next_event() == Request(0, FLUSH, 2, 0, 0)
+
+
+def test_refused_write_drained_by_receive_data_in_big_pieces() -> None:
+    machine = ServerTransmission(STRUCTURED)
+    length = MAX_PAYLOAD + 1
+    machine.receive_data(request_bytes(W, 0, length, 1))
+    assert machine.next_event() is NEED_DATA  # refused: what follows is dropped
+    piece = bytes(3 * DISCARD_CHUNK + 5)
+    tail = bytes(length % len(piece)) + request_bytes(FLUSH, 0, 0, 2)
+    tracemalloc.start()
+    try:
+        for _ in range(length // len(piece)):
+            machine.receive_data(piece)
+            assert machine.next_event() is NEED_DATA
+        machine.receive_data(tail)
+        events = drain(machine)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert events == [answered(1, W, Errno.EINVAL, STRUCTURED), Request(0, FLUSH, 2, 0, 0)]
+    assert peak < 2 * DISCARD_CHUNK
 
 
 # --- Broken streams ------------------------------------------------------------------------
