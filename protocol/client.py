@@ -400,6 +400,8 @@ class ReplyReader(PayloadStream):
                 if target is not None:
                     target[:] = bytes(size)
             elif chunk_type == ChunkType.BLOCK_STATUS:
+                if expected.is_read:
+                    raise RemoteProtocolError("BLOCK_STATUS chunk in reply to a READ")
                 if length < CONTEXT_ID.size + BLOCK_DESCRIPTOR.size or (
                         length - CONTEXT_ID.size) % BLOCK_DESCRIPTOR.size:
                     raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")

@@ -315,6 +315,7 @@ HOSTILE: dict[str, tuple[bool, bytes]] = {
     "block-status-without-descriptors": (True, chunk(ChunkType.BLOCK_STATUS, 2, bytes(4))),
     "block-status-partial-descriptor": (True, chunk(ChunkType.BLOCK_STATUS, 2, bytes(4 + 7))),
     "block-status-empty": (True, chunk(ChunkType.BLOCK_STATUS, 2)),
+    "block-status-for-a-read": (True, chunk(ChunkType.BLOCK_STATUS, 1, bytes(12))),
     "error-message-longer-than-chunk": (True, chunk(ChunkType.ERROR, 2,
                                                     error_body(Errno.EIO, "long")[:-1])),
     "error-chunk-too-short": (True, chunk(ChunkType.ERROR, 2, bytes(5))),
