@@ -380,6 +380,19 @@ class ReplyReader(PayloadStream):
         expected = self._expected.pop(cookie)
         return expected.error or ReplyDone(cookie)
 
+    @staticmethod
+    def _check_error_offset(expected: _Expected, body: memoryview, end: int,
+                            length: int) -> None:
+        """ERROR_OFFSET ends with the failing offset, which lies inside the request."""
+        if length != end + OFFSET.size:
+            raise RemoteProtocolError(f"ERROR_OFFSET chunk of {length} bytes for a "
+                                      f"{end - ERROR_CHUNK_PREFIX.size}-byte message")
+        offset = OFFSET.unpack_from(body, end)[0]
+        if not expected.offset <= offset < expected.offset + expected.length:
+            raise RemoteProtocolError(
+                f"error offset {offset} outside the request "
+                f"({expected.offset} +{expected.length})")
+
     def _metadata_chunk(self) -> ReplyEvent | NeedData | None:
         flags, chunk_type, cookie, length = self._current
         source = self._input
@@ -413,6 +426,8 @@ class ReplyReader(PayloadStream):
                 end = ERROR_CHUNK_PREFIX.size + message_length
                 if end > length:
                     raise RemoteProtocolError("error chunk message longer than the chunk")
+                if chunk_type == ChunkType.ERROR_OFFSET:
+                    self._check_error_offset(expected, body, end, length)
                 message = bytes(body[ERROR_CHUNK_PREFIX.size:end]).decode("utf-8", "replace")
                 if expected.error is None:
                     expected.error = ReplyDone(cookie, error or Errno.EIO, message)

@@ -124,8 +124,8 @@ def reader_for(structured: bool, reads: Sequence[Read], others: Sequence[int]) -
         reader.expect(read.cookie, read.offset, read.length, memoryview(read.buffer))
         if read.abandoned:
             reader.abandon(read.cookie)
-    for cookie in others:
-        reader.expect(cookie, 0, 0)
+    for cookie in others:  # commands that carry no data, on the whole export
+        reader.expect(cookie, 0, SIZE)
     return reader
 
 
@@ -319,6 +319,14 @@ HOSTILE: dict[str, tuple[bool, bytes]] = {
     "error-message-longer-than-chunk": (True, chunk(ChunkType.ERROR, 2,
                                                     error_body(Errno.EIO, "long")[:-1])),
     "error-chunk-too-short": (True, chunk(ChunkType.ERROR, 2, bytes(5))),
+    "error-offset-without-offset": (True, chunk(ChunkType.ERROR_OFFSET, 2,
+                                                error_body(Errno.EIO, "x") + bytes(3))),
+    "error-offset-with-trailing-bytes": (True, chunk(ChunkType.ERROR_OFFSET, 1, error_body(
+        Errno.EIO, "x", 4096) + bytes(1))),
+    "error-offset-before-the-request": (True, chunk(ChunkType.ERROR_OFFSET, 1,
+                                                    error_body(Errno.EIO, "x", 4095))),
+    "error-offset-after-the-request": (True, chunk(ChunkType.ERROR_OFFSET, 1,
+                                                   error_body(Errno.EIO, "x", 4096 + 512))),
     "none-chunk-with-payload": (True, chunk(ChunkType.NONE, 2, b"x")),
     "hole-chunk-wrong-size": (True, chunk(ChunkType.OFFSET_HOLE, 1, bytes(11))),
 }
