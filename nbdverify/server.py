@@ -455,16 +455,18 @@ class Transmission:
             event = machine.next_event()
             if event is NEED_DATA:
                 if not await self._receive():
-                    return
+                    break
             elif isinstance(event, Request):
                 if self.device.policy.stopped.is_set():
-                    return
+                    break
                 await self._dispatch(event)
             elif isinstance(event, RequestAnswered):
                 self.output.queue(event.reply)
             else:
                 assert isinstance(event, Disconnect | EndOfStream)
-                return
+                break
+        # Replies that are ready leave now, not after the requests still in flight.
+        await self.output.send()
 
     async def _dispatch(self, request: Request) -> None:
         """Start a request on the device, and choose where it finishes."""

@@ -436,6 +436,28 @@ async def test_a_big_read_reply_leaves_at_once(lengths: list[int], sends: list[l
     assert recording.sends == [sum(READ_HEADER + n for n in batch) for batch in sends]
 
 
+# --- DISC -----------------------------------------------------------------------------------
+
+
+async def test_disc_with_requests_in_flight() -> None:
+    device, _, test, _ = memory_device()
+    test.held[0] = gate = Gate()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 0, 4096)
+        client.request(W, 2, 4096, 3, payload=b"abc")
+        client.request(DISC, 3)
+        client.request(R, 4, 8192, 4096)  # after DISC: never read
+        await client.send()
+        assert await client.reply() == ReplyDone(2)
+        assert await client.no_reply_yet()
+        gate.release()
+        assert await client.reply() == ReplyDone(1)
+        await client.closed()
+    assert test.reads == [(0, 4096)]
+    assert test.data[4096:4099] == b"abc"
+
+
 # --- Bounded resources --------------------------------------------------------------------
 
 
