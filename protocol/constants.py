@@ -75,10 +75,6 @@ class OptionReplyType(enum.IntEnum):
     ERR_BLOCK_SIZE_REQD = 2**31 + 8
     ERR_TOO_BIG = 2**31 + 9
 
-    @property
-    def is_error(self) -> bool:
-        return bool(self & 2**31)
-
 
 class InfoType(enum.IntEnum):
     EXPORT = 0
