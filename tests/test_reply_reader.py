@@ -4,13 +4,13 @@ the caller's buffer; and every reply the spec forbids is a RemoteProtocolError."
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from machine_support import feed, split, take
 
 from nbdverify_protocol import wire
 from nbdverify_protocol.client import (
@@ -91,31 +91,6 @@ class Read:
 
     def __post_init__(self) -> None:
         self.buffer = bytearray(b"\xee" * self.length)
-
-
-def take(reader: ReplyReader) -> list[ReplyEvent]:
-    events: list[ReplyEvent] = []
-    while (event := reader.next_event()) is not NEED_DATA:
-        events.append(event)
-    return events
-
-
-def feed(reader: ReplyReader, chunks: Sequence[bytes], end: bool = False) -> list[ReplyEvent]:
-    """Feed the chunks one by one, taking events after each; then the end of stream."""
-    events: list[ReplyEvent] = []
-    for piece in chunks:
-        if piece:  # b"" would mean the end of the stream
-            reader.receive_data(piece)
-            events += take(reader)
-    if end:
-        reader.receive_data(b"")
-        events += take(reader)
-    return events
-
-
-def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
-    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 def reader_for(structured: bool, reads: Sequence[Read], others: Sequence[int]) -> ReplyReader:

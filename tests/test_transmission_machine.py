@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import replace
@@ -11,6 +10,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from machine_support import feed, split, take
 
 from nbdverify_protocol import wire
 from nbdverify_protocol.buffers import DISCARD_CHUNK, RECEIVE_SIZE
@@ -61,33 +61,9 @@ def request_bytes(command: int, offset: int, length: int, cookie: int, flags: in
     return header + payload
 
 
-def drain(machine: ServerTransmission) -> list[TransmissionEvent]:
-    events: list[TransmissionEvent] = []
-    while (event := machine.next_event()) is not NEED_DATA:
-        events.append(event)
-        if isinstance(event, EndOfStream):
-            break
-    return events
-
-
 def run(session: Negotiated, chunks: Sequence[bytes], end: bool = True
         ) -> list[TransmissionEvent]:
-    """Feed the chunks one by one, taking events after each, then the end of stream."""
-    machine = ServerTransmission(session)
-    events: list[TransmissionEvent] = []
-    for chunk in chunks:
-        if chunk:  # b"" would mean the end of the stream
-            machine.receive_data(chunk)
-            events += drain(machine)
-    if end:
-        machine.receive_data(b"")
-        events += drain(machine)
-    return events
-
-
-def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
-    points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
-    return [data[a:b] for a, b in itertools.pairwise(points)]
+    return feed(ServerTransmission(session), chunks, end)
 
 
 def answered(cookie: int, command: int, error: Errno, session: Negotiated) -> RequestAnswered:
@@ -284,7 +260,7 @@ def test_refused_write_drained_by_receive_data_in_big_pieces() -> None:
             machine.receive_data(piece)
             assert machine.next_event() is NEED_DATA
         machine.receive_data(tail)
-        events = drain(machine)
+        events = take(machine)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -354,7 +330,7 @@ def test_initial_bytes_are_read_first() -> None:
     second = request_bytes(R, 0, 2, 2)
     machine = ServerTransmission(STRUCTURED, request_bytes(R, 0, 1, 1) + second[:5])
     machine.receive_data(second[5:])
-    assert drain(machine) == [Request(0, R, 1, 0, 1), Request(0, R, 2, 0, 2)]
+    assert take(machine) == [Request(0, R, 1, 0, 1), Request(0, R, 2, 0, 2)]
 
 
 @st.composite
