@@ -241,6 +241,7 @@ class _Expected:
     is_read: bool
     target: memoryview | None  # a READ's buffer; None once abandoned
     error: ReplyDone | None = None  # the first error chunk
+    covered: int = 0  # READ bytes the data and hole chunks so far described
 
 
 class _Reading(enum.Enum):
@@ -372,13 +373,22 @@ class ReplyReader(PayloadStream):
             raise RemoteProtocolError(
                 f"read data at offset {offset} (+{size}) outside the request "
                 f"({expected.offset} +{expected.length})")
+        expected.covered += size
         if expected.target is None:
             return None
         return expected.target[start:start + size]
 
     def _finished(self, cookie: int) -> ReplyDone:
         expected = self._expected.pop(cookie)
-        return expected.error or ReplyDone(cookie)
+        if expected.error is not None:
+            return expected.error
+        # Chunks must not overlap, so a successful READ is covered exactly once: a gap
+        # would leave bytes the server never sent to be compared as if it had.
+        if expected.covered != expected.length and expected.is_read:
+            raise RemoteProtocolError(
+                f"READ reply for cookie {cookie} described {expected.covered} of its "
+                f"{expected.length} bytes")
+        return ReplyDone(cookie)
 
     @staticmethod
     def _check_error_offset(expected: _Expected, body: memoryview, end: int,

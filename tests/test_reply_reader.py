@@ -272,6 +272,12 @@ HOSTILE: dict[str, tuple[bool, bytes]] = {
     "data-after-the-request": (True, data_chunk(1, 4096 + 500, b"x" * 13)),
     "data-far-away": (True, data_chunk(1, 2**64 - 1, b"x")),
     "hole-outside-the-request": (True, hole_chunk(1, 4096, 513)),
+    "read-done-without-all-its-data": (True, data_chunk(1, 4096, b"x" * 511, DONE)),
+    "read-done-with-a-gap": (True, data_chunk(1, 4096, b"x" * 256)
+                             + hole_chunk(1, 4096 + 384, 128) + chunk(ChunkType.NONE, 1)),
+    "read-done-without-data": (True, chunk(ChunkType.NONE, 1)),
+    "read-data-twice": (True, data_chunk(1, 4096, b"x" * 512) + data_chunk(1, 4096, b"x" * 512,
+                                                                            DONE)),
     "data-for-a-write": (True, data_chunk(2, 0, b"x", DONE)),
     "hole-for-a-write": (True, hole_chunk(2, 0, 0, DONE)),
     "simple-reply-to-read-when-structured": (True, simple(1, 0, bytes(512))),
