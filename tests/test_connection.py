@@ -169,7 +169,7 @@ class Client:
     """A pipelining NBD client from the protocol package's machines: queue requests,
     send them in one go, take replies as they come."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
         self.stream = stream
         self._outgoing = bytearray()
         self.reader = ReplyReader(True)
@@ -268,7 +268,7 @@ async def connect(server: Server, nursery: trio.Nursery,
     if lockstep:
         to_server, from_client = trio.testing.memory_stream_one_way_pair()
         to_client, from_server = trio.testing.lockstep_stream_one_way_pair()
-        client_side: trio.abc.Stream = trio.StapledStream(to_server, from_server)
+        client_side: trio.abc.HalfCloseableStream = trio.StapledStream(to_server, from_server)
         server_side: trio.abc.Stream = trio.StapledStream(to_client, from_client)
     else:
         client_side, server_side = trio.testing.memory_stream_pair()
@@ -600,3 +600,54 @@ async def test_mismatch_log_policy_serves_the_reference() -> None:
         assert await client.replies(2) == [ReplyDone(1), ReplyDone(2)]
     assert client.data[1] == CONTENT[4096:8192]
     assert len(found) == 2
+
+
+async def test_mismatch_found_while_the_server_waits_for_the_client() -> None:
+    """A held read that mismatches after the server went back to waiting for requests:
+    the wait is cut short, the EIO goes out, and the connection closes."""
+    device, _, test, found = memory_device(OnMismatch.DISCONNECT, BAD_CONTENT)
+    test.held[4096] = gate = Gate()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 4096, 4096)
+        await client.send()
+        assert await client.no_reply_yet()
+        gate.release()
+        failed = await client.reply()
+        assert (failed.cookie, failed.error) == (1, Errno.EIO)
+        await client.closed()
+    assert len(found) == 1
+
+
+# --- The client going away, and refusals --------------------------------------------------
+
+
+async def test_end_of_stream_with_requests_in_flight_still_gets_their_replies() -> None:
+    device, _, test, _ = memory_device()
+    test.held[0] = gate = Gate()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 0, 4096)
+        client.request(R, 2, 4096, 4096)
+        await client.send()
+        await client.stream.send_eof()
+        assert await client.reply() == ReplyDone(2)
+        gate.release()
+        assert await client.reply() == ReplyDone(1)
+        await client.closed()
+
+
+async def test_refused_requests_are_answered_and_the_connection_goes_on() -> None:
+    device, raw, test, _ = memory_device()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(W, 1, SIZE - 2, 4, payload=b"late")  # past the end: ENOSPC
+        client.request(R, 2, 0, 512, flags=1 << 9)  # an unknown flag: EINVAL
+        client.request(0x42, 3)  # an unknown command: EINVAL
+        client.request(R, 4, 0, 4)
+        await client.send()
+        replies = await client.replies(4)
+    assert [(done.cookie, done.error) for done in replies] == [
+        (1, Errno.ENOSPC), (2, Errno.EINVAL), (3, Errno.EINVAL), (4, 0)]
+    assert client.data[4] == CONTENT[:4]
+    assert raw.data == test.data == CONTENT  # the refused WRITE reached neither child
