@@ -651,3 +651,24 @@ async def test_refused_requests_are_answered_and_the_connection_goes_on() -> Non
         (1, Errno.ENOSPC), (2, Errno.EINVAL), (3, Errno.EINVAL), (4, 0)]
     assert client.data[4] == CONTENT[:4]
     assert raw.data == test.data == CONTENT  # the refused WRITE reached neither child
+
+
+async def test_a_stopping_server_serves_what_was_sent_then_closes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "DRAIN_IDLE_SECONDS", 0.05)
+    device, _, test, _ = memory_device()
+    test.held[0] = gate = Gate()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 0, 4096)
+        await client.send()
+        await trio.testing.wait_all_tasks_blocked()
+        server.stop()
+        client.request(R, 2, 4096, 4096)  # sent while stopping, before the line goes quiet
+        await client.send()
+        assert await client.reply() == ReplyDone(2)
+        gate.release()
+        assert await client.reply() == ReplyDone(1)
+        await client.closed()
+        with pytest.raises(NegotiationRefused, match="shutting down"):
+            await connect(server, nursery)
