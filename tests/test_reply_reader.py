@@ -403,3 +403,14 @@ def test_arbitrary_replies_raise_only_remote_protocol_error(
     assert set(done) <= {1, 2, 3, 4, 5, 6}
     if abandon:
         assert buffers[2] == bytes(512)
+
+
+@pytest.mark.parametrize("piece", [1000, 64 * 1024, 4 * 1024 * 1024])
+def test_metadata_chunk_bigger_than_the_input_buffer(piece: int) -> None:
+    extents = [(4096, index % 4) for index in range(100_000)]  # 800 KB of descriptors
+    reply = SERVER.block_status_reply(Request(0, Command.BLOCK_STATUS, 1, 0, SIZE), extents)
+    assert len(reply) > 3 * 256 * 1024
+    reader = reader_for(True, [], [1, 2])
+    data = reply + simple(2)
+    events = feed(reader, [data[i:i + piece] for i in range(0, len(data), piece)])
+    assert events == [Extents(1, CONTEXT, tuple(extents)), ReplyDone(1), ReplyDone(2)]
