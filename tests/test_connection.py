@@ -672,3 +672,40 @@ async def test_a_stopping_server_serves_what_was_sent_then_closes(
         await client.closed()
         with pytest.raises(NegotiationRefused, match="shutting down"):
             await connect(server, nursery)
+
+
+async def test_overlapping_requests_keep_their_order() -> None:
+    """A WRITE over a held READ waits for it; a READ after the WRITE sees the new bytes."""
+    device, raw, test, _ = memory_device()
+    test.held[0] = gate = Gate()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 0, 8)
+        client.request(W, 2, 4, 4, payload=b"new!")
+        client.request(R, 3, 0, 8)
+        client.request(R, 4, 4096, 8)  # elsewhere: not held up
+        await client.send()
+        assert await client.reply() == ReplyDone(4)
+        assert await client.no_reply_yet()
+        gate.release()
+        replies = await client.replies(3)
+    assert sorted(done.cookie for done in replies) == [1, 2, 3]
+    assert replies[0] == ReplyDone(1)
+    assert client.data[1] == CONTENT[:8]
+    assert client.data[3] == CONTENT[:4] + b"new!"
+    assert raw.data == test.data
+
+
+async def test_a_protocol_error_drops_only_that_connection() -> None:
+    device, _, _, _ = memory_device()
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        client.request(R, 1, 0, 8)
+        await client.send()
+        assert await client.reply() == ReplyDone(1)
+        await client.stream.send_all(b"\xde\xad\xbe\xef" + bytes(24))  # bad magic
+        await client.closed()
+        other, _ = await connect(server, nursery)
+        other.request(R, 1, 0, 8)
+        await other.send()
+        assert await other.reply() == ReplyDone(1)
