@@ -1,6 +1,7 @@
 """Whole connections in process: a client built from protocol/client.py talks to
 `Server.handle` over trio's memory streams, with test children whose operations
-the test holds, fails or slows down. No subprocess, no socket."""
+the test holds, fails or slows down. No subprocess; a socket only where the NBD
+child needs one (a unix socket to a second in-process server)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from nbdverify import server as server_module
 from nbdverify.children import COMPLETED, ChildError, Completed, Extent, Failed, FileChild, Pending
 from nbdverify.device import VerifiedDevice
 from nbdverify.findings import Divergence, Finding, Mismatch
+from nbdverify.nbd_child import NbdChild
 from nbdverify.policy import MismatchPolicy, OnMismatch
 from nbdverify.server import MAX_IN_FLIGHT, REPLY_BATCH_BYTES, ExportConfig, Server
 from nbdverify_protocol.client import (
@@ -709,3 +711,80 @@ async def test_a_protocol_error_drops_only_that_connection() -> None:
         other.request(R, 1, 0, 8)
         await other.send()
         assert await other.reply() == ReplyDone(1)
+
+
+# --- An NBD child: our own server, in process, on a unix socket ---------------------------
+
+
+@asynccontextmanager
+async def nbd_child(tmp_path: Path, nursery: trio.Nursery, exported: VerifiedDevice,
+                    timeout: float | None = None) -> AsyncIterator[NbdChild]:
+    """An NbdChild connected to a second in-process Server that exports `exported`."""
+    path = str(tmp_path / "child.sock")
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    inner = Server(exported, ExportConfig())
+    await nursery.start(inner.serve, [trio.SocketListener(sock)])
+    child = await NbdChild.open("test", f"nbd+unix:///?socket={path}", nursery, timeout)
+    try:
+        yield child
+    finally:
+        await child.aclose()
+
+
+async def test_nbd_child_end_to_end(tmp_path: Path) -> None:
+    exported, exported_raw, _, _ = memory_device()
+    raw = MemoryChild("raw", CONTENT)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            async with nbd_child(tmp_path, nursery, exported) as child:
+                found: list[Finding] = []
+                device = VerifiedDevice(raw, child, policy=MismatchPolicy(OnMismatch.ERROR),
+                                        on_finding=found.append)
+                async with serving(device) as (server, connections):
+                    client, _ = await connect(server, connections)
+                    client.request(W, 1, 100, 5, payload=b"hello")
+                    client.request(R, 2, 96, 16)
+                    client.request(FLUSH, 3)
+                    client.request(BS, 4, 0, 4096)
+                    for cookie in range(5, 21):  # pipelined 64 KiB reads
+                        client.request(R, cookie, cookie * 65536, 65536)
+                    await client.send()
+                    replies = await client.replies(20)
+            nursery.cancel_scope.cancel()
+    assert sorted(done.cookie for done in replies) == list(range(1, 21))
+    assert all(done.error == 0 for done in replies)
+    assert client.data[2] == CONTENT[96:100] + b"hello" + CONTENT[105:112]
+    assert client.data[20] == CONTENT[20 * 65536:21 * 65536]
+    assert exported_raw.data == raw.data
+    assert found == []
+
+
+async def test_nbd_child_late_reply_is_dropped_and_the_child_goes_on(tmp_path: Path) -> None:
+    """A TEST read that times out fails (a finding under ERROR); its late reply is
+    parsed and dropped, and the next read through the same child is right."""
+    exported, _, inner_test, _ = memory_device()
+    inner_test.held[8192] = gate = Gate()
+    raw = MemoryChild("raw", CONTENT)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            async with nbd_child(tmp_path, nursery, exported, timeout=0.1) as child:
+                found: list[Finding] = []
+                device = VerifiedDevice(raw, child, policy=MismatchPolicy(OnMismatch.ERROR),
+                                        on_finding=found.append)
+                async with serving(device) as (server, connections):
+                    client, _ = await connect(server, connections)
+                    client.request(R, 1, 8192, 4096)
+                    await client.send()
+                    failed = await client.reply()
+                    assert (failed.cookie, failed.error) == (1, Errno.EIO)
+                    gate.release()  # the late reply comes in now
+                    await trio.testing.wait_all_tasks_blocked()
+                    client.request(R, 2, 8192, 4096)
+                    await client.send()
+                    assert await client.reply() == ReplyDone(2)
+            nursery.cancel_scope.cancel()
+    assert client.data[2] == CONTENT[8192:12288]
+    assert len(found) == 1 and isinstance(found[0], Divergence)
+    assert "no reply within" in (found[0].test_error or "")
