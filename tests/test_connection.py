@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdverify import server as server_module
 from nbdverify.children import COMPLETED, ChildError, Completed, Extent, Failed, FileChild, Pending
@@ -788,3 +790,60 @@ async def test_nbd_child_late_reply_is_dropped_and_the_child_goes_on(tmp_path: P
     assert client.data[2] == CONTENT[8192:12288]
     assert len(found) == 1 and isinstance(found[0], Divergence)
     assert "no reply within" in (found[0].test_error or "")
+
+
+# --- Any pipelined mix of requests: the sequential result ----------------------------------
+
+SPAN = 64 * KiB  # the requests below stay here, so they overlap often
+operations = st.lists(st.tuples(
+    st.sampled_from([R, W, WZ, TRIM, FLUSH]),
+    st.integers(0, SPAN - 1), st.integers(0, 3 * KiB), st.booleans(), st.booleans()),
+    min_size=1, max_size=24)
+
+
+@settings(max_examples=40, deadline=None)
+@given(operations)
+def test_pipelined_requests_give_the_sequential_result(
+        ops: list[tuple[int, int, int, bool, bool]]) -> None:
+    """Whatever is held and whatever overlaps, every READ sees exactly the WRITEs
+    and zeroes sent before it, and both children end as a sequential model says."""
+    trio.run(_pipelined, ops)
+
+
+async def _pipelined(ops: list[tuple[int, int, int, bool, bool]]) -> None:
+    device, raw, test, found = memory_device()
+    model = bytearray(CONTENT)
+    expected: dict[int, bytes] = {}
+    gates: list[Gate] = []
+    async with serving(device) as (server, nursery):
+        client, _ = await connect(server, nursery)
+        for cookie, (command, offset, length, held, fua) in enumerate(ops):
+            length = min(length, SPAN - offset)
+            flags = int(CommandFlag.FUA) if fua and command != R else 0
+            if command == R:
+                if held and offset not in test.held:
+                    test.held[offset] = Gate()
+                    gates.append(test.held[offset])
+                expected[cookie] = bytes(model[offset:offset + length])
+                client.request(R, cookie, offset, length, flags)
+            elif command == W:
+                payload = bytes([cookie % 251 + 1]) * length
+                model[offset:offset + length] = payload
+                client.request(W, cookie, offset, length, flags, payload)
+            elif command == WZ:
+                model[offset:offset + length] = bytes(length)
+                client.request(WZ, cookie, offset, length, flags)
+            else:
+                client.request(command, cookie, offset if command == TRIM else 0,
+                               length if command == TRIM else 0, flags)
+        await client.send()
+        await trio.testing.wait_all_tasks_blocked()
+        for gate in gates:
+            gate.release()
+        replies = await client.replies(len(ops))
+    assert sorted(done.cookie for done in replies) == list(range(len(ops)))
+    assert all(done.error == 0 for done in replies), replies
+    for cookie, data in expected.items():
+        assert client.data[cookie] == data, cookie
+    assert raw.data[:SPAN] == test.data[:SPAN] == model[:SPAN]
+    assert found == []
