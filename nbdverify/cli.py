@@ -39,7 +39,6 @@ from .report import Reporter
 from .server import ExportConfig, Server, TlsConfig
 from .specs import ChildSpec, SpecError, open_child, parse_images
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_PORT = 10809

@@ -229,6 +229,8 @@ class ReplyOutput:
 
     async def send_all_now(self) -> None:
         """At the end, once the sender has stopped: whatever is unsent or queued."""
+        if self._transport.cut_off:
+            return  # a reply was cut off midway: another cannot follow it
         self.send()
         await self._send_unsent()
 
@@ -525,16 +527,18 @@ class Transmission:
             event = machine.next_event()
             if event is NEED_DATA:
                 if not await self._receive():
-                    return
+                    break
             elif isinstance(event, Request):
                 if self.device.policy.stopped.is_set():
-                    return
+                    break
                 await self._dispatch(event)
             elif isinstance(event, RequestAnswered):
                 self.output.queue(event.reply)
             else:
                 assert isinstance(event, Disconnect | EndOfStream)
-                return
+                break
+        # Replies that are ready leave now, not after the requests still in flight.
+        self.output.send()
 
     async def _dispatch(self, request: Request) -> None:
         """Start a request on the device, and choose where it finishes."""

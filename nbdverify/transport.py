@@ -51,6 +51,8 @@ class Transport:
         self.receive_into = receive_into
         self._send_buffers = send_buffers
         self._fd = fd  # a plain socket: sends go straight to the kernel
+        #: A stream's send was cancelled midway: nothing more can follow it.
+        self.cut_off = False
 
     @classmethod
     def over_socket(cls, sock: trio.socket.SocketType) -> Transport:
@@ -111,7 +113,10 @@ class Transport:
         """Wait until more can be sent, send it; what is left. Cancelled, nothing is
         lost: what it returns (or was given) is exactly what has not been sent."""
         if self._fd is None:
-            await self._send_buffers(buffers)  # a stream sends all (or breaks)
+            # A stream sends all or breaks: cancelled in the middle, it is unusable.
+            self.cut_off = True
+            await self._send_buffers(buffers)
+            self.cut_off = False
             return []
         await trio.lowlevel.wait_writable(self._fd)
         return self.send_now(buffers)

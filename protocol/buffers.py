@@ -161,6 +161,11 @@ class PayloadStream:
             self.received(0)
         while view:
             target = self.receive_buffer()
+            if not target:
+                # The input buffer is full of unparsed bytes (no next_event() between
+                # copies): grow it, or an empty receive would read as end of stream.
+                self._input.feed(view)
+                return
             count = min(len(target), len(view))
             target[:count] = view[:count]
             self.received(count)

@@ -252,6 +252,7 @@ class _Expected:
     is_read: bool
     target: memoryview | None  # a READ's buffer; None once abandoned
     error: ReplyDone | None = None  # the first error chunk
+    covered: int = 0  # READ bytes the data and hole chunks so far described
 
 
 class _Reading(enum.Enum):
@@ -404,13 +405,35 @@ class ReplyReader(PayloadStream):
             raise RemoteProtocolError(
                 f"read data at offset {offset} (+{size}) outside the request "
                 f"({expected.offset} +{expected.length})")
+        expected.covered += size
         if expected.target is None:
             return None
         return expected.target[start:start + size]
 
     def _finished(self, cookie: int) -> ReplyDone:
         expected = self._expected.pop(cookie)
-        return expected.error or ReplyDone(cookie)
+        if expected.error is not None:
+            return expected.error
+        # Chunks must not overlap, so a successful READ is covered exactly once: a gap
+        # would leave bytes the server never sent to be compared as if it had.
+        if expected.covered != expected.length and expected.is_read:
+            raise RemoteProtocolError(
+                f"READ reply for cookie {cookie} described {expected.covered} of its "
+                f"{expected.length} bytes")
+        return ReplyDone(cookie)
+
+    @staticmethod
+    def _check_error_offset(expected: _Expected, body: memoryview, end: int,
+                            length: int) -> None:
+        """ERROR_OFFSET ends with the failing offset, which lies inside the request."""
+        if length != end + OFFSET.size:
+            raise RemoteProtocolError(f"ERROR_OFFSET chunk of {length} bytes for a "
+                                      f"{end - ERROR_CHUNK_PREFIX.size}-byte message")
+        offset = OFFSET.unpack_from(body, end)[0]
+        if not expected.offset <= offset < expected.offset + expected.length:
+            raise RemoteProtocolError(
+                f"error offset {offset} outside the request "
+                f"({expected.offset} +{expected.length})")
 
     def _metadata_chunk(self) -> ReplyEvent | NeedData | None:
         flags, chunk_type, cookie, length = self._current
@@ -432,6 +455,8 @@ class ReplyReader(PayloadStream):
                 if target is not None:
                     target[:] = bytes(size)
             elif chunk_type == ChunkType.BLOCK_STATUS and not self.extended:
+                if expected.is_read:
+                    raise RemoteProtocolError("BLOCK_STATUS chunk in reply to a READ")
                 if length < CONTEXT_ID.size + BLOCK_DESCRIPTOR.size or (
                         length - CONTEXT_ID.size) % BLOCK_DESCRIPTOR.size:
                     raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
@@ -439,6 +464,8 @@ class ReplyReader(PayloadStream):
                 extents = tuple(BLOCK_DESCRIPTOR.iter_unpack(body[CONTEXT_ID.size:]))
                 event = ReplyExtents(cookie, context_id, extents)
             elif chunk_type == ChunkType.BLOCK_STATUS_EXT and self.extended:
+                if expected.is_read:
+                    raise RemoteProtocolError("BLOCK_STATUS_EXT chunk in reply to a READ")
                 prefix = BLOCK_STATUS_EXT_PREFIX.size
                 count = (length - prefix) // EXTENDED_BLOCK_DESCRIPTOR.size
                 context_id, announced = BLOCK_STATUS_EXT_PREFIX.unpack_from(body)
@@ -453,6 +480,8 @@ class ReplyReader(PayloadStream):
                 end = ERROR_CHUNK_PREFIX.size + message_length
                 if end > length:
                     raise RemoteProtocolError("error chunk message longer than the chunk")
+                if chunk_type == ChunkType.ERROR_OFFSET:
+                    self._check_error_offset(expected, body, end, length)
                 message = bytes(body[ERROR_CHUNK_PREFIX.size:end]).decode("utf-8", "replace")
                 if expected.error is None:
                     expected.error = ReplyDone(cookie, error or Errno.EIO, message)

@@ -80,10 +80,6 @@ class OptionReplyType(enum.IntEnum):
     ERR_TOO_BIG = 2**31 + 9
     ERR_EXT_HEADER_REQD = 2**31 + 10
 
-    @property
-    def is_error(self) -> bool:
-        return bool(self & 2**31)
-
 
 class InfoType(enum.IntEnum):
     EXPORT = 0

@@ -84,13 +84,6 @@ class Request:
         return bool(self.flags & CommandFlag.FUA)
 
 
-def parse_request(header: bytes | bytearray | memoryview) -> Request:
-    magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack(header)
-    if magic != REQUEST_MAGIC:
-        raise RemoteProtocolError(f"bad request magic 0x{magic:08x}")
-    return Request(flags, command, cookie, offset, length)
-
-
 def build_request(command: int, offset: int, length: int, cookie: int, flags: int = 0) -> bytes:
     return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
@@ -163,11 +156,6 @@ class RequestCheck:
         if request.offset + request.length > self._size:
             return Errno.ENOSPC if command in self._ENOSPC_ON else Errno.EINVAL
         return Errno.OK
-
-
-def request_error(request: Request, session: Negotiated) -> Errno:
-    """The error a request must get before it touches the device, or Errno.OK."""
-    return RequestCheck(session)(request)
 
 
 PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)

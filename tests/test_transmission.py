@@ -1,4 +1,4 @@
-"""request_error(): the checks every request passes before it touches the device,
+"""RequestCheck: the checks every request passes before it touches the device,
 and the host-to-wire errno mapping."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from nbdverify_protocol.constants import (
     Errno,
     TransmissionFlag,
 )
-from nbdverify_protocol.transmission import MAX_PAYLOAD, Negotiated, Request, request_error
+from nbdverify_protocol.transmission import MAX_PAYLOAD, Negotiated, Request, RequestCheck
 
 SIZE = 1024 * 1024
 BIG = 4 * MAX_PAYLOAD  # an export big enough for MAX_PAYLOAD-sized requests
@@ -67,6 +67,10 @@ FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = (
     CommandFlag.REQ_ONE,
     CommandFlag.FAST_ZERO,
 )
+
+
+def request_error(request: Request, session: Negotiated) -> Errno:
+    return RequestCheck(session)(request)
 
 
 @dataclass(frozen=True)

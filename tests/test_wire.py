@@ -23,6 +23,7 @@ from nbdverify_protocol.constants import (
     ChunkType,
     InfoType,
     ReplyFlag,
+    TransmissionFlag,
 )
 from nbdverify_protocol.errors import RemoteProtocolError
 from nbdverify_protocol.transmission import (
@@ -31,14 +32,15 @@ from nbdverify_protocol.transmission import (
     OFFSET_DATA_HEADER,
     REQUEST_HEADER,
     SIMPLE_REPLY_HEADER,
+    Negotiated,
     Request,
+    ServerTransmission,
     block_status_chunk,
     build_request,
     error_chunk,
     error_reply,
     none_chunk,
     pack_read_reply_header,
-    parse_request,
     read_reply_header_size,
     simple_reply,
     truncate_message,
@@ -406,44 +408,33 @@ def test_request_header_matches_construct(
         parsed.offset,
         parsed.length,
     )
-    assert parse_request(built) == Request(
-        flags=parsed.flags,
-        command=parsed.type,
-        cookie=parsed.cookie,
-        offset=parsed.offset,
-        length=parsed.length,
-    )
 
 
 @ROUND_TRIP
 @given(st.binary(min_size=24, max_size=24))
-def test_parse_request_agrees_with_construct_on_any_header(rest: bytes) -> None:
+def test_request_header_agrees_with_construct_on_any_header(rest: bytes) -> None:
     data = REQUEST_MAGIC.to_bytes(4, "big") + rest
     parsed = wire.Request.parse(data)
-    request = parse_request(data)
-    assert (request.flags, request.command, request.cookie, request.offset, request.length) == (
+    _, flags, command, cookie, offset, length = REQUEST_HEADER.unpack(data)
+    assert (flags, command, cookie, offset, length) == (
         parsed.flags,
         parsed.type,
         parsed.cookie,
         parsed.offset,
         parsed.length,
     )
-    assert (
-        build_request(
-            request.command, request.offset, request.length, request.cookie, request.flags
-        )
-        == data
-    )
+    assert build_request(command, offset, length, cookie, flags) == data
 
 
 @ROUND_TRIP
 @given(u32.filter(lambda magic: magic != REQUEST_MAGIC), st.binary(min_size=24, max_size=24))
 @example(SIMPLE_REPLY_MAGIC, bytes(24))
 @example(REQUEST_MAGIC ^ 1, bytes(24))
-def test_parse_request_rejects_bad_magic(magic: int, rest: bytes) -> None:
+def test_transmission_rejects_bad_magic(magic: int, rest: bytes) -> None:
     data = magic.to_bytes(4, "big") + rest
+    session = Negotiated(2**20, TransmissionFlag.HAS_FLAGS, structured_replies=True)
     with pytest.raises(RemoteProtocolError):
-        parse_request(data)
+        ServerTransmission(session, data).next_event()
     with pytest.raises(ConstructError):  # and construct agrees that it is no request
         wire.Request.parse(data)
 
