@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read what RAW holds before each write and keep CRC-32s of it, "
                         "so a mismatch can be told stale, torn or misdirected (an extra RAW read "
                         "and about a third more server CPU per 4 KiB write)")
+    verify.add_argument("--no-provenance", action="store_true",
+                        help="do not remember which request last wrote each byte: findings "
+                        "then carry no ranges (no class, no last writer); saves some server "
+                        "CPU on every write")
     verify.add_argument("--dump-dir", metavar="DIR",
                         help="write both children's differing bytes of each finding, and its "
                         "JSON, under DIR")
@@ -251,7 +255,9 @@ async def open_device(args: argparse.Namespace, reporter: Reporter,
         try:
             device = VerifiedDevice(raw, test, export_name=args.exportname,
                                     policy=MismatchPolicy(OnMismatch(args.on_mismatch)),
-                                    on_finding=reporter, provenance=Provenance(args.fingerprints))
+                                    on_finding=reporter,
+                                    provenance=None if args.no_provenance
+                                    else Provenance(args.fingerprints))
             device.keep_mismatch_bytes = args.dump_dir is not None
             return device
         except SizeMismatch as error:
@@ -471,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.children = parse_images(args.images)
         if args.tls != TlsMode.OFF.value and not args.tls_certificates:
             raise UsageError(f"--tls={args.tls} needs --tls-certificates DIR")
+        if args.no_provenance and args.fingerprints:
+            raise UsageError("--fingerprints needs provenance (drop --no-provenance)")
         if args.journal_max_size is not None and not args.journal:
             raise UsageError("--journal-max-size needs --journal FILE")
         for option in ("dump_max_findings", "dump_max_bytes"):

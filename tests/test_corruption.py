@@ -22,6 +22,7 @@ import pytest
 from support import (
     CORRUPT_OFFSET,
     NBD_TIMEOUT,
+    NBDVERIFY,
     STOP_TIMEOUT,
     ImagePair,
     Launcher,
@@ -281,3 +282,24 @@ def test_exit_policy_exits_with_status_3_promptly(
     assert status == 3, server.stderr
     assert elapsed < 1.5, f"exited {elapsed:.2f} s after the mismatch"
     assert [r["sector"] for r in server.report_records()] == [CORRUPT_SECTOR]
+
+
+def test_no_provenance_still_catches_the_corruption_but_names_no_writer(
+    launch: Launcher, images: ImagePair
+) -> None:
+    images.corrupt_test()
+    server = launch("--no-provenance")
+    result = qemu_io(server.uri, f"read {READ_OFFSET} {READ_LENGTH}")
+    assert "read failed: Input/output error" in result.stdout, result.stdout
+    [record] = server.report_records()
+    assert (record["mismatch_offset"], record["sector"]) == (CORRUPT_OFFSET, CORRUPT_SECTOR)
+    assert record["ranges"] == []  # nothing remembered: no class, no last writer
+    assert "bitflip" not in str(record["message"])
+
+
+def test_fingerprints_need_provenance(images: ImagePair) -> None:
+    result = run([NBDVERIFY, "serve", str(images.raw), str(images.test), "-U", "x.sock",
+                  "--no-provenance", "--fingerprints"], timeout=QEMU_TIMEOUT, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "nbdverify: error: --fingerprints needs provenance (drop --no-provenance)"]
