@@ -12,7 +12,9 @@ import filecmp
 import json
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +58,15 @@ class GuestRun:
 
     def assert_ok(self) -> None:
         assert self.result == "ok", f"guest failed: {self.result}\n{self.log}"
+
+
+# How often the boot test asks the server for statistics (SIGUSR1).
+STATISTICS_EVERY = 1.0
+
+
+def ask_for_statistics(server: RunningServer, done: threading.Event) -> None:
+    while not done.wait(STATISTICS_EVERY):
+        server.process.send_signal(signal.SIGUSR1)
 
 
 @pytest.fixture(scope="session")
@@ -189,11 +200,25 @@ def test_install_then_boot_through_nbdverify(guest_image: Path, installed: Insta
     assert any(m.startswith("GUEST-INSTALL:") for m in installed.install.markers)
     pair = copy_pair(installed.image, tmp_path)
     with served(tmp_path, pair) as server:
-        booted = boot(guest_image, tmp_path, "boot", disk=server.socket, append="root=/dev/vda1")
+        # Statistics on demand (SIGUSR1) every second while the guest runs.
+        booting = threading.Event()
+        asking = threading.Thread(target=ask_for_statistics, args=(server, booting))
+        asking.start()
+        try:
+            booted = boot(guest_image, tmp_path, "boot", disk=server.socket,
+                          append="root=/dev/vda1")
+        finally:
+            booting.set()
+            asking.join()
         booted.assert_ok()
         assert "GUEST-FSCK: status 0" in booted.markers, booted.log
         assert re.search(r"GUEST-VERIFY: ok=\d+ ioerror=0 badsum=0", booted.log), booted.log
         assert server.report_records() == []
+        during = server.statistics_records()
+        assert len(during) >= 2, server.stderr  # the boot takes 5-25 s
+        reads = [record["operations"]["read"]["count"] for record in during]  # type: ignore[index]
+        assert reads == sorted(reads) and reads[-1] > reads[0], reads  # the guest was reading
+        assert server.stderr.count("nbdverify: statistics: read ") == len(during)
     assert identical(pair)
 
 
