@@ -33,7 +33,7 @@ from .device import (
 from .dumps import DEFAULT_MAX_BYTES, DEFAULT_MAX_FINDINGS, DumpDir
 from .log import configure_logging, log_event
 from .policy import MismatchPolicy, OnMismatch
-from .process import set_parent_death_signal
+from .process import run_reporting, set_parent_death_signal
 from .provenance import Provenance
 from .report import Reporter
 from .server import ExportConfig, Server, TlsConfig
@@ -382,10 +382,11 @@ async def _on_signals(server: Server, signals: AsyncIterator[int], reporter: Rep
 
 
 def report_statistics(device: VerifiedDevice, reporter: Reporter) -> None:
-    record = device.statistics.as_record()
+    findings = device.policy.findings
+    record = device.statistics.as_record(findings)
     if device.provenance is not None:
         record["provenance_bytes"] = device.provenance.memory_bytes()
-    reporter.statistics(device.statistics.summary(), record)
+    reporter.statistics(device.statistics.summary(findings), record)
 
 
 async def _stop_with_export(server: Server) -> None:
@@ -490,17 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose, args.log_format == "json")
     if args.exit_with_parent:
         set_parent_death_signal(signal.SIGTERM)  # a graceful shutdown, as on Ctrl-C
-    try:
-        return trio.run(serve, args)
-    except BaseException as error:
-        # Errors raised inside a nursery arrive wrapped in exception groups.
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        if isinstance(error, StartupError):
-            print(f"nbdverify: {error}", file=sys.stderr)
-            return EXIT_FAILURE
-        raise
-
+    return run_reporting(lambda: serve(args), (StartupError,), EXIT_FAILURE)
 
 if __name__ == "__main__":
     sys.exit(main())

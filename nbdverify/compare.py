@@ -22,6 +22,7 @@ from tqdm import tqdm
 from nbdverify_protocol.constants import AllocationState
 
 from .children import Child, FileChild, Pending
+from .findings import differing_spans
 from .images import open_image, run_offline
 from .journal import sector_span
 
@@ -36,7 +37,6 @@ NBD_CHUNK = 256 * 1024
 NBD_DEPTH = 16
 #: Block status asks for at most this much at once (NBD lengths are 32-bit).
 STATUS_STEP = 1 << 30
-_SEARCH_STEP = 64 * 1024
 
 EXIT_IDENTICAL = 0
 EXIT_DIFFERENT = 1
@@ -96,24 +96,6 @@ def segments(a: list[tuple[int, bool]], b: list[tuple[int, bool]]) -> Iterator[S
             left_b = b[j][0] if j < len(b) else 0
     if pending:
         yield pending
-
-
-def differing_sectors(a: bytes | bytearray, b: bytes | bytearray, offset: int,
-                      ) -> Iterator[tuple[int, int]]:
-    """Byte ranges, cut at sector boundaries of the image (a and b start at `offset`),
-    where a and b differ: 64 KiB sub-blocks first, then the sectors of those that
-    differ. Slices are compared, not memoryviews: memoryview equality runs 25 times
-    slower than bytes equality (19 ms vs 0.75 ms for 8 MiB)."""
-    for block in range(0, len(a), _SEARCH_STEP):
-        end = min(block + _SEARCH_STEP, len(a))
-        if a[block:end] == b[block:end]:
-            continue
-        position = block
-        while position < end:
-            stop = min(((offset + position) // SECTOR + 1) * SECTOR - offset, end)
-            if a[position:stop] != b[position:stop]:
-                yield offset + position, offset + stop
-            position = stop
 
 
 @dataclass
@@ -199,7 +181,7 @@ class Comparer:
         elif piece.segment.b_zero:
             second = zeroes
         if first != second:
-            for start, end in differing_sectors(first, second, piece.start):
+            for start, end in differing_spans(first, second, 0, piece.start, piece.length):
                 self.result.add(start, end)
         if piece.length == self.chunk:
             self._free.append(piece.buffers)

@@ -7,6 +7,7 @@ comparison has already said there are some.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -51,25 +52,31 @@ def _sector_spans(offset: int, length: int) -> list[tuple[int, int]]:
     return spans
 
 
-def compare(raw: bytes | bytearray, test: bytes | bytearray, base: int, offset: int,
-            length: int) -> Difference | None:
-    """Locate differences between raw[base:base+length] and test[...] for a
-    request at device `offset`; None if they are equal."""
-    differing: list[tuple[int, int]] = []  # absolute sector spans that differ
-    total = 0
+def differing_spans(raw: bytes | bytearray, test: bytes | bytearray, base: int, offset: int,
+                    length: int) -> Iterator[tuple[int, int]]:
+    """Absolute [start, end) of each sector (clipped to the range) where
+    raw[base:base+length] and test[...] differ, for data at device `offset`: 64 KiB
+    blocks are compared first, then the sectors of those that differ. Slices of
+    bytes, not memoryviews: memoryview equality is 25 times slower."""
     block_start = offset
     end = offset + length
     while block_start < end:
         block_end = min(end, (block_start // SCAN_BLOCK + 1) * SCAN_BLOCK)
         lo, hi = base + block_start - offset, base + block_end - offset
-        spans = _sector_spans(block_start, block_end - block_start)
-        total += len(spans)
         if raw[lo:hi] != test[lo:hi]:
-            for start, stop in spans:
+            for start, stop in _sector_spans(block_start, block_end - block_start):
                 a, b = base + start - offset, base + stop - offset
                 if raw[a:b] != test[a:b]:
-                    differing.append((start, stop))
+                    yield start, stop
         block_start = block_end
+
+
+def compare(raw: bytes | bytearray, test: bytes | bytearray, base: int, offset: int,
+            length: int) -> Difference | None:
+    """Locate differences between raw[base:base+length] and test[...] for a
+    request at device `offset`; None if they are equal."""
+    differing = list(differing_spans(raw, test, base, offset, length))
+    total = (offset + length - 1) // SECTOR_SIZE - offset // SECTOR_SIZE + 1 if length else 0
     if not differing:
         return None
     first_start, first_stop = differing[0]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -11,6 +10,7 @@ import trio
 
 from .children import Child, ChildError
 from .journal import JournalError
+from .process import run_reporting
 from .specs import ChildSpec, open_child
 
 EXIT_ERROR = 2
@@ -42,13 +42,4 @@ async def open_image(role: str, target: str, image_format: str | None = None,
 
 def run_offline(command: Callable[[], Awaitable[int]]) -> int:
     """Run an offline command under trio; its errors become one line and status 2."""
-    try:
-        return trio.run(command)
-    except BaseException as error:
-        # Errors raised inside a nursery arrive wrapped in exception groups.
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        if isinstance(error, ImageError | JournalError | ChildError):
-            print(f"nbdverify: {error}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+    return run_reporting(command, (ImageError, JournalError, ChildError), EXIT_ERROR)

@@ -71,7 +71,6 @@ class Statistics:
         self.operations = {name: OperationStatistics() for name in OPERATIONS}
         self.bytes_verified = 0
         self.bytes_unverified = 0
-        self.findings = 0
 
     def started(self, operation: str, length: int = 0) -> None:
         entry = self.operations[operation]
@@ -90,7 +89,8 @@ class Statistics:
     def count(self, operation: str) -> int:
         return self.operations[operation].count
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self, findings: int) -> dict[str, Any]:
+        """`findings`: the policy's count (it is the one that counts them)."""
         return {
             "operations": {
                 name: {
@@ -103,10 +103,10 @@ class Statistics:
             },
             "bytes_verified": self.bytes_verified,
             "bytes_unverified": self.bytes_unverified,
-            "findings": self.findings,
+            "findings": findings,
         }
 
-    def summary(self) -> str:
+    def summary(self, findings: int) -> str:
         """One line for people."""
         parts = []
         for name, entry in self.operations.items():
@@ -119,7 +119,7 @@ class Statistics:
             size = f" {_size(entry.bytes)}" if entry.bytes else ""
             parts.append(f"{name} {entry.count}{size}" + (f" ({latencies})" if latencies else ""))
         parts.append(f"verified {_size(self.bytes_verified)}, "
-                     f"unverified {_size(self.bytes_unverified)}, findings {self.findings}")
+                     f"unverified {_size(self.bytes_unverified)}, findings {findings}")
         return "; ".join(parts)
 
 

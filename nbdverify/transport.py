@@ -46,10 +46,10 @@ def receive_now(fd: int, view: memoryview) -> int | None:
 
 
 class Transport:
-    def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers,
+    def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers | None = None,
                  fd: int | None = None) -> None:
         self.receive_into = receive_into
-        self._send_buffers = send_buffers
+        self._send_buffers = send_buffers  # a stream's; a plain socket's are os.writev
         self._fd = fd  # a plain socket: sends go straight to the kernel
         #: A stream's send was cancelled midway: nothing more can follow it.
         self.cut_off = False
@@ -65,7 +65,7 @@ class Transport:
                     return count
                 await trio.lowlevel.wait_readable(fd)
 
-        return cls(receive_into, sock.sendmsg, fd)
+        return cls(receive_into, fd=fd)
 
     def receive_now(self, view: memoryview) -> int | None:
         """What has arrived, without waiting (0 at end of stream); None if nothing
@@ -112,12 +112,13 @@ class Transport:
     async def send_more(self, buffers: list[memoryview]) -> list[memoryview]:
         """Wait until more can be sent, send it; what is left. Cancelled, nothing is
         lost: what it returns (or was given) is exactly what has not been sent."""
-        if self._fd is None:
+        if self._send_buffers is not None:
             # A stream sends all or breaks: cancelled in the middle, it is unusable.
             self.cut_off = True
             await self._send_buffers(buffers)
             self.cut_off = False
             return []
+        assert self._fd is not None
         await trio.lowlevel.wait_writable(self._fd)
         return self.send_now(buffers)
 
@@ -125,9 +126,4 @@ class Transport:
         """Send every byte of every buffer, in order, in as few calls as the kernel takes."""
         pending = self.send_now([memoryview(buffer) for buffer in buffers if len(buffer)])
         while pending:
-            if self._fd is not None:
-                await trio.lowlevel.wait_writable(self._fd)
-                pending = self.send_now(pending)
-            else:
-                pending = sent_so_far(pending,
-                                      await self._send_buffers(pending[:MAX_BUFFERS]))
+            pending = await self.send_more(pending)

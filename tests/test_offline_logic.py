@@ -13,9 +13,10 @@ import trio
 
 from nbdverify.changes import Origin
 from nbdverify.children import FileChild
-from nbdverify.compare import Segment, differing_sectors, segments
+from nbdverify.compare import Segment, segments
 from nbdverify.crashcheck import ANYTHING, BLOCK, Model, digest, judge
 from nbdverify.device import VerifiedDevice
+from nbdverify.findings import differing_spans
 from nbdverify.journal import Selection, parse_range, parse_size, record_device
 from nbdverify.journal_format import FAILED_TEST, JournalReader, Record, RecordKind
 from nbdverify_protocol.constants import CommandFlag
@@ -114,7 +115,7 @@ def test_differing_sectors_are_cut_at_the_image_sector_grid() -> None:
     b = bytearray(a)
     b[100] = 1            # sector 0 (offset 256 + 100)
     b[70000] = 1          # in the second 64 KiB sub-block
-    found = list(differing_sectors(a, b, 256))
+    found = list(differing_spans(a, b, 0, 256, len(a)))
     assert found == [(256, 512), (256 + 70000 - (256 + 70000) % 512,
                                   256 + 70000 - (256 + 70000) % 512 + 512)]
 

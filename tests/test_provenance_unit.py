@@ -310,8 +310,7 @@ def test_statistics_summary_and_record() -> None:
     statistics.children_done("write", 20_000, 2_000_000)
     statistics.started("flush")
     statistics.bytes_verified = 3 * MiB
-    statistics.findings = 1
-    record = statistics.as_record()
+    record = statistics.as_record(findings=1)
     assert record["operations"] == {
         "write": {"count": 2, "bytes": 8192,
                   "latency": {"raw": {"p50_ns": 20000, "p99_ns": 20000, "max_ns": 20000},
@@ -319,6 +318,6 @@ def test_statistics_summary_and_record() -> None:
                                        "max_ns": 2000000}}},
         "flush": {"count": 1, "bytes": 0, "latency": {}}}
     assert statistics.count("write") == 2 and statistics.count("read") == 0
-    assert statistics.summary() == (
+    assert statistics.summary(findings=1) == (
         "write 2 8.0 KiB (raw p50 20us p99 20us max 20us test p50 2.0ms p99 2.0ms max 2.0ms); "
         "flush 1; verified 3.0 MiB, unverified 0 B, findings 1")
