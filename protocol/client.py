@@ -30,7 +30,7 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .errors import ProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import NEED_DATA, BlockSize, NeedData
 from .transmission import (
     BLOCK_DESCRIPTOR,
@@ -281,6 +281,8 @@ class ReplyReader(PayloadStream):
     def expect(self, cookie: int, offset: int, length: int,
                target: memoryview | None = None) -> None:
         """A request is going out; a READ gives the buffer for its `length` bytes."""
+        if target is not None and len(target) != length:
+            raise LocalProtocolError(f"a {len(target)}-byte buffer for a {length}-byte READ")
         self._expected[cookie] = _Expected(offset, length, target is not None, target)
 
     def abandon(self, cookie: int) -> None:

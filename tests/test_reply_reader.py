@@ -29,7 +29,7 @@ from nbdverify_protocol.constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from nbdverify_protocol.errors import RemoteProtocolError
+from nbdverify_protocol.errors import LocalProtocolError, RemoteProtocolError
 from nbdverify_protocol.events import NEED_DATA
 from nbdverify_protocol.transmission import Negotiated, Request, ServerTransmission, none_chunk
 
@@ -414,3 +414,9 @@ def test_metadata_chunk_bigger_than_the_input_buffer(piece: int) -> None:
     data = reply + simple(2)
     events = feed(reader, [data[i:i + piece] for i in range(0, len(data), piece)])
     assert events == [Extents(1, CONTEXT, tuple(extents)), ReplyDone(1), ReplyDone(2)]
+
+
+def test_a_read_buffer_of_the_wrong_size_is_our_mistake() -> None:
+    reader = ReplyReader(True)
+    with pytest.raises(LocalProtocolError):
+        reader.expect(1, 0, 4096, memoryview(bytearray(4095)))
