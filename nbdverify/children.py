@@ -54,7 +54,8 @@ class Pending(Protocol[T_co]):
 
     @property
     def done(self) -> bool:
-        """Awaiting will not wait."""
+        """Awaiting will not wait: it returns (or raises) without yielding, so the
+        device may finish the operation in place (`device.outcome_now`)."""
         ...
 
     def __await__(self) -> Generator[Any, None, T_co]: ...
@@ -63,15 +64,15 @@ class Pending(Protocol[T_co]):
 class Completed(Generic[T]):
     """An operation that finished as it started (page-cached file I/O)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("value",)
     done = True
 
     def __init__(self, value: T) -> None:
-        self._value = value
+        self.value = value
 
     def __await__(self) -> Generator[Any, None, T]:
         yield from ()
-        return self._value
+        return self.value
 
 
 class Failed:

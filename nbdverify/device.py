@@ -9,15 +9,14 @@ replies.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine, Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from time import perf_counter_ns
 from typing import Any, Generic, TypeVar
 
 from nbdverify_protocol.constants import AllocationState, CommandFlag, Errno
 
 from .changes import Change, ChangeKind, ChangeObserver, Origin
-from .children import Child, ChildError, Extent, Failed, FileChild, Later, Pending
+from .children import Child, ChildError, Completed, Extent, Failed, FileChild, Later, Pending
 from .classify import classify
 from .findings import Divergence, Finding, Mismatch, compare
 from .policy import MismatchPolicy
@@ -57,50 +56,106 @@ class SizeMismatch(Exception):
 
 Outcome = tuple[T | None, ChildError | None]
 
-
-@dataclass(slots=True)
-class Started(Generic[T]):
-    """One operation's two started parts, and when and what it was (for latency)."""
-
-    raw: Pending[T]
-    test: Pending[T]
-    operation: str
-    began: int  # perf_counter_ns() before either child started
+#: Plain ints: an IntFlag `&` or `|` builds a new flag object (~1 us).
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
 
 
-class Operation(Generic[T]):
-    """A device operation that has started: both children's parts are in flight
-    (or done already). Awaiting it finishes it: results compared, errors settled.
+def outcome_now(pending: Pending[T]) -> Outcome[T]:
+    """The result (or ChildError) of a Pending that is `done`, with no coroutine
+    and no trip through the scheduler: `done` promises its __await__ returns
+    without yielding."""
+    if isinstance(pending, Completed):  # page-cached file I/O: no generator, no StopIteration
+        return pending.value, None
+    try:
+        pending.__await__().send(None)
+    except StopIteration as stop:
+        return stop.value, None
+    except ChildError as error:
+        return None, error
+    raise AssertionError(f"{pending!r} is done but waited")
 
-    `ready` is the device's word that awaiting will not wait (page-cached files).
+
+#: What a finished operation's two outcomes (raw's, test's) become: its result or
+#: the exception the guest must see. Plain functions, so that a ready operation
+#: finishes with no coroutine at all.
+Conclusion = Callable[[Outcome[T], Outcome[T]], R]
+
+
+class Operation(Generic[T, R]):
+    """A device operation that has started on both children (or waits behind an
+    earlier overlapping request to start). Awaiting it, or `finish_now` when it is
+    `ready`, finishes it: results compared, errors settled.
+
+    `ready` is the device's word that finishing will not wait (page-cached files).
     `waits_long` says it may take long for reasons other than a child's round trip
     (an fsync, or an earlier overlapping request), so it is best not queued behind
-    others. An operation that is never awaited must be `abandon`ed.
+    others. An operation that is never finished must be `abandon`ed.
     """
 
-    __slots__ = ("_finish", "_hold", "_parts", "waits_long")
+    __slots__ = ("_began", "_conclude", "_hold", "_name", "_parts", "_start", "_statistics",
+                 "waits_long")
 
-    def __init__(self, finish: Coroutine[Any, Any, T], hold: Hold,
-                 parts: tuple[Pending[Any], Pending[Any]] | tuple[()],
+    def __init__(self, name: str, hold: Hold, start: Starter[T],
+                 conclude: Conclusion[T, R], statistics: Statistics,
                  waits_long: bool) -> None:
-        self._finish = finish
+        self._name = name
         self._hold = hold
-        self._parts = parts  # empty: not started yet (it waits for an earlier request)
-        self.waits_long = waits_long or not parts
+        self._start = start
+        self._conclude = conclude
+        self._statistics = statistics
+        self._parts: tuple[Pending[T], Pending[T]] | None = None
+        self._began = 0
+        if hold.blocked:
+            self.waits_long = True  # started once the earlier request is done
+        else:
+            self._began = perf_counter_ns()
+            self._parts = start()
+            self.waits_long = waits_long
 
     @property
     def ready(self) -> bool:
-        if not self._parts:
-            return False
-        raw, test = self._parts
-        return raw.done and test.done
+        parts = self._parts
+        return parts is not None and parts[0].done and parts[1].done
 
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._finish.__await__()
+    def finish_now(self) -> R:
+        """Finish a `ready` operation in place."""
+        assert self._parts is not None
+        raw, test = self._parts
+        try:
+            elapsed = perf_counter_ns() - self._began
+            self._statistics.children_done(self._name, elapsed, elapsed)
+            return self._conclude(outcome_now(raw), outcome_now(test))
+        finally:
+            self._hold.release()
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._finish().__await__()
+
+    async def _finish(self) -> R:
+        try:
+            if self._parts is None:
+                await self._hold.wait()
+                self._began = perf_counter_ns()
+                self._parts = self._start()
+            # Each child's latency runs from the start to when its part was seen done.
+            outcomes: list[Outcome[T]] = []
+            done: list[int] = []
+            for pending in self._parts:
+                try:
+                    outcomes.append((await pending, None))
+                except ChildError as error:
+                    outcomes.append((None, error))
+                done.append(perf_counter_ns())
+            self._statistics.children_done(self._name, done[0] - self._began,
+                                           done[1] - self._began)
+            return self._conclude(outcomes[0], outcomes[1])
+        finally:
+            self._hold.release()
 
     def abandon(self) -> None:
-        """Never to be awaited (the connection is going): let later requests through."""
-        self._finish.close()
+        """Never to be finished (the connection is going): let later requests through."""
         self._hold.release()
 
 
@@ -155,21 +210,6 @@ class VerifiedDevice:
 
     # --- Starting an operation on both children -------------------------------------
 
-    async def _both(self, started: Started[T]) -> tuple[Outcome[T], Outcome[T]]:
-        """Await both parts; each result or its error. Each child's latency is from
-        the start to when its part was seen done (a perf_counter_ns call is ~60 ns)."""
-        results: list[Outcome[T]] = []
-        done: list[int] = []
-        for pending in (started.raw, started.test):
-            try:
-                results.append((await pending, None))
-            except ChildError as error:
-                results.append((None, error))
-            done.append(perf_counter_ns())
-        self.statistics.children_done(started.operation, done[0] - started.began,
-                                      done[1] - started.began)
-        return results[0], results[1]
-
     def _on_each(self, start: Callable[[Child], Pending[T]]) -> Starter[T]:
         """Start on both: TEST first, so that an NBD child's request is on its way
         while a file child does its part."""
@@ -179,39 +219,14 @@ class VerifiedDevice:
         return start_both
 
     def _start(self, operation: str, offset: int, length: int, exclusive: bool,
-               start_both: Starter[T], finish: Callable[[Started[T]], Coroutine[Any, Any, R]],
-               waits_long: bool = False) -> Operation[R]:
+               start_both: Starter[T], conclude: Conclusion[T, R],
+               waits_long: bool = False) -> Operation[T, R]:
         """The one way every operation runs: claim its range, start it on both
-        children, and return what finishes it."""
+        children (once no earlier overlapping request is in the way), and return
+        what finishes it."""
         self.statistics.started(operation, length)
         hold = self._ordering.enter(offset, offset + length, exclusive)
-        if hold.blocked:
-            return Operation(self._start_later(hold, operation, start_both, finish), hold, (),
-                             waits_long)
-        began = perf_counter_ns()
-        raw, test = start_both()
-        return Operation(self._finish_then_release(hold, finish,
-                                                   Started(raw, test, operation, began)),
-                         hold, (raw, test), waits_long)
-
-    async def _start_later(self, hold: Hold, operation: str, start_both: Starter[T],
-                           finish: Callable[[Started[T]], Coroutine[Any, Any, R]]) -> R:
-        try:
-            await hold.wait()
-            began = perf_counter_ns()
-            raw, test = start_both()
-            return await finish(Started(raw, test, operation, began))
-        finally:
-            hold.release()
-
-    @staticmethod
-    async def _finish_then_release(hold: Hold,
-                                   finish: Callable[[Started[T]], Coroutine[Any, Any, R]],
-                                   started: Started[T]) -> R:
-        try:
-            return await finish(started)
-        finally:
-            hold.release()
+        return Operation(operation, hold, start_both, conclude, self.statistics, waits_long)
 
     def _settle(self, operation: str, offset: int, length: int,
                 raw: ChildError | None, test: ChildError | None) -> None:
@@ -238,15 +253,16 @@ class VerifiedDevice:
 
     # --- Operations ------------------------------------------------------------------
 
-    def read(self, offset: int, length: int, headroom: int = 0) -> Operation[bytearray]:
+    def read(self, offset: int, length: int,
+             headroom: int = 0) -> Operation[None, bytearray]:
         """The verified bytes, after `headroom` spare bytes for a reply header."""
         reference = bytearray(headroom + length)
         candidate = bytearray(headroom + length)
         raw_view = memoryview(reference)[headroom:]
         test_view = memoryview(candidate)[headroom:]
 
-        async def finish(started: Started[None]) -> bytearray:
-            (_, raw_error), (_, test_error) = await self._both(started)
+        def conclude(raw: Outcome[None], test: Outcome[None]) -> bytearray:
+            raw_error, test_error = raw[1], test[1]
             self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
                 return reference  # LOG policy: serve the reference
@@ -257,7 +273,7 @@ class VerifiedDevice:
             test = self.test.read(test_view, offset)  # TEST first: see _on_each
             return self.raw.read(raw_view, offset), test
 
-        return self._start("read", offset, length, False, start_both, finish)
+        return self._start("read", offset, length, False, start_both, conclude)
 
     def _verify(self, reference: bytearray, candidate: bytearray, headroom: int,
                 offset: int, length: int) -> None:
@@ -282,15 +298,15 @@ class VerifiedDevice:
 
     def _change(self, kind: ChangeKind, offset: int, length: int, flags: int,
                 origin: Origin | None, data: bytes | bytearray | memoryview | None,
-                start_both: Starter[None]) -> Operation[None]:
+                start_both: Starter[None]) -> Operation[None, None]:
         """WRITE, WRITE_ZEROES or TRIM: on both children, then recorded."""
         replaced: list[bytearray | None] = [None]
         if self._fingerprints and kind is ChangeKind.WRITE:
             start_both = self._keeping_old_content(offset, length, replaced, start_both)
 
-        async def finish(started: Started[None]) -> None:
-            (_, raw_error), (_, test_error) = await self._both(started)
-            if raw_error and raw_error.error == Errno.ENOTSUP and flags & CommandFlag.FAST_ZERO:
+        def conclude(raw: Outcome[None], test: Outcome[None]) -> None:
+            raw_error, test_error = raw[1], test[1]
+            if raw_error and raw_error.error == Errno.ENOTSUP and flags & _FAST_ZERO:
                 raise DeviceError(Errno.ENOTSUP, "cannot zero quickly")  # nothing was zeroed
             if kind is ChangeKind.TRIM:
                 self._unverified.add(offset, offset + length)
@@ -300,8 +316,8 @@ class VerifiedDevice:
                           test=test_error, replaced=replaced[0])
             self._settle(kind.value, offset, length, raw_error, test_error)
 
-        return self._start(kind.value, offset, length, True, start_both, finish,
-                           waits_long=bool(flags & CommandFlag.FUA))
+        return self._start(kind.value, offset, length, True, start_both, conclude,
+                           waits_long=bool(flags & _FUA))
 
     def _keeping_old_content(self, offset: int, length: int, replaced: list[bytearray | None],
                              start_both: Starter[None]) -> Starter[None]:
@@ -317,21 +333,21 @@ class VerifiedDevice:
         return start
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
-              origin: Origin | None = None) -> Operation[None]:
-        return self._change(ChangeKind.WRITE, offset, len(data), CommandFlag.FUA if fua else 0,
+              origin: Origin | None = None) -> Operation[None, None]:
+        return self._change(ChangeKind.WRITE, offset, len(data), _FUA if fua else 0,
                             origin, data,
                             self._on_each(lambda child: child.write(data, offset, fua)))
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
-                     fua: bool, origin: Origin | None = None) -> Operation[None]:
-        flags = ((0 if may_trim else CommandFlag.NO_HOLE) | (CommandFlag.FAST_ZERO if fast else 0)
-                 | (CommandFlag.FUA if fua else 0))
+                     fua: bool, origin: Origin | None = None) -> Operation[None, None]:
+        flags = ((0 if may_trim else _NO_HOLE) | (_FAST_ZERO if fast else 0)
+                 | (_FUA if fua else 0))
         if fast:
             start_both = self._zero_fast(offset, length, may_trim, fua)
         else:
             start_both = self._on_each(
                 lambda child: child.write_zeroes(offset, length, may_trim, False, fua))
-        return self._change(ChangeKind.WRITE_ZEROES, offset, length, int(flags), origin, None,
+        return self._change(ChangeKind.WRITE_ZEROES, offset, length, flags, origin, None,
                             start_both)
 
     def _zero_fast(self, offset: int, length: int, may_trim: bool,
@@ -353,45 +369,43 @@ class VerifiedDevice:
         return start_both
 
     def trim(self, offset: int, length: int, fua: bool,
-             origin: Origin | None = None) -> Operation[None]:
-        return self._change(ChangeKind.TRIM, offset, length, CommandFlag.FUA if fua else 0,
+             origin: Origin | None = None) -> Operation[None, None]:
+        return self._change(ChangeKind.TRIM, offset, length, _FUA if fua else 0,
                             origin, None,
                             self._on_each(lambda child: child.trim(offset, length, fua)))
 
-    def flush(self, origin: Origin | None = None) -> Operation[None]:
+    def flush(self, origin: Origin | None = None) -> Operation[None, None]:
         """Both children, always (QEMU's blkverify flushes only the test image)."""
         covers = self._changes  # what had completed when the flush began
 
-        async def finish(started: Started[None]) -> None:
-            (_, raw_error), (_, test_error) = await self._both(started)
+        def conclude(raw: Outcome[None], test: Outcome[None]) -> None:
+            raw_error, test_error = raw[1], test[1]
             self._changed(ChangeKind.FLUSH, 0, 0, 0, origin, raw=raw_error, test=test_error,
                           covers=covers)
             self._settle("flush", 0, 0, raw_error, test_error)
 
         # A flush claims no range: it covers what completed before it.
         return self._start("flush", 0, 0, False, self._on_each(lambda child: child.flush()),
-                           finish, waits_long=True)
+                           conclude, waits_long=True)
 
-    def cache(self, offset: int, length: int) -> Operation[None]:
-        async def finish(started: Started[None]) -> None:
-            (_, raw_error), (_, test_error) = await self._both(started)
-            self._settle("cache", offset, length, raw_error, test_error)
+    def cache(self, offset: int, length: int) -> Operation[None, None]:
+        def conclude(raw: Outcome[None], test: Outcome[None]) -> None:
+            self._settle("cache", offset, length, raw[1], test[1])
 
         return self._start("cache", offset, length, False,
-                           self._on_each(lambda child: child.cache(offset, length)), finish)
+                           self._on_each(lambda child: child.cache(offset, length)), conclude)
 
-    def block_status(self, offset: int, length: int) -> Operation[list[Extent]]:
+    def block_status(self, offset: int, length: int) -> Operation[list[Extent], list[Extent]]:
         """Allocation where both children agree: a range is a hole, or reads as
         zero, only if it is so on both. A child that cannot tell counts as data."""
-        async def finish(started: Started[list[Extent]]) -> list[Extent]:
-            (raw, _), (test, _) = await self._both(started)
+        def conclude(raw: Outcome[list[Extent]], test: Outcome[list[Extent]]) -> list[Extent]:
             return merge_extents(
-                raw or [Extent(length, AllocationState.DATA)],
-                test or [Extent(length, AllocationState.DATA)],
+                raw[0] or [Extent(length, AllocationState.DATA)],
+                test[0] or [Extent(length, AllocationState.DATA)],
             )
 
         return self._start("block_status", offset, length, False,
-                           self._on_each(lambda child: child.extents(offset, length)), finish)
+                           self._on_each(lambda child: child.extents(offset, length)), conclude)
 
     @property
     def unverified_ranges(self) -> list[tuple[int, int]]:

@@ -439,7 +439,7 @@ class Transmission:
         self._memory = MemoryBudget(MEMORY_BUDGET)
         self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self.output = ReplyOutput(self._transport, self._memory, self._in_flight)
-        self._in_order: deque[tuple[Request, Operation[Any], int]] = deque()
+        self._in_order: deque[tuple[Request, Operation[Any, Any], int]] = deque()
         self._more_in_order = trio.Event()
         self._waiting: trio.CancelScope | None = None  # the wait for the next request
         self._unyielding = 0  # receives in a row that found bytes without waiting
@@ -533,7 +533,10 @@ class Transmission:
             elif isinstance(event, Request):
                 if self.device.policy.stopped.is_set():
                     break
-                await self._dispatch(event)
+                charge = self._reserve_now(event)
+                if charge is None:
+                    charge = await self._reserve(event)
+                self._dispatch(event, charge)
             elif isinstance(event, RequestAnswered):
                 self.output.queue(event.reply)
             else:
@@ -542,13 +545,11 @@ class Transmission:
         # Replies that are ready leave now, not after the requests still in flight.
         self.output.send()
 
-    async def _dispatch(self, request: Request) -> None:
+    def _dispatch(self, request: Request, charge: int) -> None:
         """Start a request on the device, and choose where it finishes."""
-        charge = await self._reserve(request)
         operation = self._start(request)
         if operation.ready:
-            reply = await self._finish(request, operation)  # does not wait: ready
-            self.output.queue(reply, charge, slot=True)
+            self.output.queue(self._reply_now(request, operation), charge, slot=True)
             if self.output.full:
                 self.output.send()
         elif operation.waits_long:
@@ -558,24 +559,28 @@ class Transmission:
             self._in_order.append((request, operation, charge))
             self._more_in_order.set()
 
+    def _reserve_now(self, request: Request) -> int | None:
+        """Take an in-flight slot and the memory the request's buffers need, if both
+        are free now (no coroutine: the usual case); None if `_reserve` must wait."""
+        if not self._in_flight.value:
+            return None
+        charge = self._memory.try_acquire(_buffer_bytes(request))
+        if charge is not None:
+            self._in_flight.acquire_nowait()
+        return charge
+
     async def _reserve(self, request: Request) -> int:
-        """Take an in-flight slot and the memory the request's buffers need (a READ
-        holds two: one per child), waiting if the client is ahead of its replies."""
-        command = request.command
-        wanted = (2 * request.length if command == Command.READ
-                  else request.length if command == Command.WRITE else 0)
-        try:
-            self._in_flight.acquire_nowait()  # acquire() would yield every time
-        except trio.WouldBlock:
-            self.output.send()  # our own queued replies hold slots: free them first
-            await self._in_flight.acquire()
+        """Wait for an in-flight slot and the request's memory: the client is ahead
+        of its replies."""
+        self.output.send()  # our own queued replies hold slots and memory: free them first
+        await self._in_flight.acquire()
+        wanted = _buffer_bytes(request)
         charge = self._memory.try_acquire(wanted)
         if charge is None:
-            self.output.send()
             charge = await self._memory.acquire(wanted)
         return charge
 
-    def _start(self, request: Request) -> Operation[Any]:
+    def _start(self, request: Request) -> Operation[Any, Any]:
         device = self.device
         command = request.command
         origin = Origin(self.origin_connection, request.cookie)
@@ -599,17 +604,31 @@ class Transmission:
         assert command == Command.BLOCK_STATUS
         return device.block_status(request.offset, self.machine.block_status_length(request))
 
-    async def _finish(self, request: Request, operation: Operation[Any]) -> bytes | bytearray:
-        """The reply to a started request, success or error."""
-        machine = self.machine
+    def _reply_now(self, request: Request, operation: Operation[Any, Any]) -> bytes | bytearray:
+        """The reply to a `ready` request, finished in place: no coroutine, no wait."""
+        try:
+            result = operation.finish_now()
+        except (DeviceError, VerificationFailed) as error:
+            return self._failure(request, error)
+        return self._success(request, result)
+
+    async def _reply(self, request: Request, operation: Operation[Any, Any]) -> bytes | bytearray:
+        """The reply to a started request, once it has finished."""
         try:
             result = await operation
-        except DeviceError as error:
-            return machine.error_reply(request, error.error, str(error))
-        except VerificationFailed as failure:
-            finding = failure.finding
-            return machine.error_reply(request, Errno.EIO, finding.client_message(),
-                                       finding.error_offset)
+        except (DeviceError, VerificationFailed) as error:
+            return self._failure(request, error)
+        return self._success(request, result)
+
+    def _failure(self, request: Request, error: DeviceError | VerificationFailed) -> bytes:
+        if isinstance(error, DeviceError):
+            return self.machine.error_reply(request, error.error, str(error))
+        finding = error.finding
+        return self.machine.error_reply(request, Errno.EIO, finding.client_message(),
+                                        finding.error_offset)
+
+    def _success(self, request: Request, result: Any) -> bytes | bytearray:
+        machine = self.machine
         command = request.command
         if command == Command.READ:
             return machine.read_reply(request, result)
@@ -618,10 +637,12 @@ class Transmission:
                 request, [(extent.length, int(extent.state)) for extent in result])
         return machine.done_reply(request)
 
-    async def _complete(self, request: Request, operation: Operation[Any], charge: int) -> None:
+    async def _complete(self, request: Request, operation: Operation[Any, Any],
+                        charge: int) -> None:
         """Finish a request that was not ready when it started, and queue its reply;
         send when nothing else is about to be ready to go with it."""
-        reply = await self._finish(request, operation)
+        reply = (self._reply_now(request, operation) if operation.ready
+                 else await self._reply(request, operation))
         output = self.output
         output.queue(reply, charge, slot=True)
         if output.full or not (self._in_order and self._in_order[0][1].ready):
@@ -640,6 +661,13 @@ class Transmission:
         while self._in_order:
             _, operation, _ = self._in_order.popleft()
             operation.abandon()
+
+
+def _buffer_bytes(request: Request) -> int:
+    """The memory a request holds while in flight: a READ one buffer per child."""
+    command = request.command
+    return (2 * request.length if command == Command.READ
+            else request.length if command == Command.WRITE else 0)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

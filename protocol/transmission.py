@@ -17,6 +17,7 @@ import enum
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .buffers import PayloadStream
 from .constants import (
@@ -56,6 +57,8 @@ EXTENDED_BLOCK_DESCRIPTOR = struct.Struct(">QQ")
 # The biggest WRITE payload or READ reply served. QEMU and the kernel send at most
 # 32 MiB; nbdkit and libnbd allow 64 MiB, and third-party suites send ~48 MiB.
 MAX_PAYLOAD = 64 * 1024 * 1024
+#: A plain int: an IntFlag `&` builds a flag object (~1 us).
+_FUA = int(CommandFlag.FUA)
 PREFERRED_BLOCK_SIZE = 4096
 MINIMUM_BLOCK_SIZE = 1
 # Extents are 32-bit on the wire; longer TRIM/WRITE_ZEROES/BLOCK_STATUS ranges are
@@ -63,10 +66,11 @@ MINIMUM_BLOCK_SIZE = 1
 MAX_EXTENT_LENGTH = 2**32 - 2**20
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One transmission request. As an event of `ServerTransmission` it is valid
-    for the session, and a WRITE carries its payload."""
+    for the session, and a WRITE carries its payload. A NamedTuple, immutable like
+    the other events: one is built for every request, and a frozen dataclass takes
+    0.73 us to build, a NamedTuple 0.24 us."""
 
     flags: int
     command: int
@@ -81,7 +85,7 @@ class Request:
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & CommandFlag.FUA)
+        return bool(self.flags & _FUA)
 
 
 def build_request(command: int, offset: int, length: int, cookie: int, flags: int = 0) -> bytes:

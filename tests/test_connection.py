@@ -71,7 +71,8 @@ class Gate:
         return self._released.is_set()
 
     def __await__(self) -> Generator[Any, None, None]:
-        yield from self._released.wait().__await__()
+        if not self.done:  # done means: returns without yielding (Event.wait always yields)
+            yield from self._released.wait().__await__()
         if self.error is not None:
             raise self.error
 
@@ -87,7 +88,8 @@ class Timer:
         return trio.current_time() >= self._deadline
 
     def __await__(self) -> Generator[Any, None, None]:
-        yield from trio.sleep_until(self._deadline).__await__()
+        if not self.done:
+            yield from trio.sleep_until(self._deadline).__await__()
 
 
 class MemoryChild:
