@@ -123,8 +123,10 @@ class RequestCheck:
     near 2**64 is simply beyond the end.
     """
 
-    _READ, _WRITE, _DISC, _FLUSH = map(int, (Command.READ, Command.WRITE, Command.DISC,
-                                             Command.FLUSH))
+    _READ = int(Command.READ)
+    _WRITE = int(Command.WRITE)
+    _DISC = int(Command.DISC)
+    _FLUSH = int(Command.FLUSH)
     _BLOCK_STATUS = int(Command.BLOCK_STATUS)
     _CHANGES = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
     _ENOSPC_ON = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES)))
