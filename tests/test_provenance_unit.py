@@ -72,6 +72,15 @@ def test_a_write_across_a_chunk_boundary_is_one_range() -> None:
         (CHUNK + 512, CHUNK + 4096, 0)]
 
 
+def test_a_zero_length_write_takes_no_bytes() -> None:
+    feed = Feeder(Provenance())
+    feed.write(4096, bytes(4096))
+    feed.write(6000, b"")  # inside a written run
+    feed.write(CHUNK, b"")  # on a chunk boundary
+    assert sequences(feed.provenance, 0, CHUNK + 4096) == [
+        (0, 4096, 0), (4096, 8192, 1), (8192, CHUNK + 4096, 0)]
+
+
 def test_records_name_operation_connection_cookie_flags_and_times() -> None:
     feed = Feeder(Provenance())
     feed.write(0, bytes(512), flags=CommandFlag.FUA, connection=7)
