@@ -639,10 +639,12 @@ class Transmission:
 
     async def _complete(self, request: Request, operation: Operation[Any, Any],
                         charge: int) -> None:
-        """Finish a request that was not ready when it started, and queue its reply;
-        send when nothing else is about to be ready to go with it."""
-        reply = (self._reply_now(request, operation) if operation.ready
-                 else await self._reply(request, operation))
+        """Finish a request that was not ready when it started, and queue its reply."""
+        self._queue_late(await self._reply(request, operation), charge)
+
+    def _queue_late(self, reply: bytes | bytearray, charge: int) -> None:
+        """Queue a reply that did not go out as its request started; send when
+        nothing else is about to be ready to go with it."""
         output = self.output
         output.queue(reply, charge, slot=True)
         if output.full or not (self._in_order and self._in_order[0][1].ready):
@@ -651,7 +653,11 @@ class Transmission:
     async def _complete_in_order(self) -> None:
         while True:
             while self._in_order:
-                await self._complete(*self._in_order.popleft())
+                request, operation, charge = self._in_order.popleft()
+                if operation.ready:  # its reply came in the batch just read: no coroutine
+                    self._queue_late(self._reply_now(request, operation), charge)
+                else:
+                    await self._complete(request, operation, charge)
             if self._closing:
                 return
             await self._more_in_order.wait()
