@@ -123,6 +123,33 @@ class Later(Generic[T]):
         return self._result.unwrap()
 
 
+class AllOf:
+    """Several operations as one (an NBD read split at the server's maximum size, or
+    read partly from a file): awaiting it awaits them all, and raises the first error."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: list[Pending[None]]) -> None:
+        self._parts = parts
+
+    @property
+    def done(self) -> bool:
+        return all(part.done for part in self._parts)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._finish().__await__()
+
+    async def _finish(self) -> None:
+        first: ChildError | None = None
+        for part in self._parts:
+            try:
+                await part
+            except ChildError as error:
+                first = first or error
+        if first is not None:
+            raise first
+
+
 class InThread:
     """Blocking work (fsync) started in a worker thread at once, with no task: the
     two children's syncs overlap, and awaiting waits for this one."""
