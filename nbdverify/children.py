@@ -255,17 +255,26 @@ class FileChild:
                           os.strerror(code))
 
     def read(self, buffer: memoryview, offset: int) -> Pending[None]:
-        done = 0
         try:
-            while done < len(buffer):
-                count = os.preadv(self._fd, [buffer[done:]], offset + done)
-                if count == 0:
-                    buffer[done:] = bytes(len(buffer) - done)  # past EOF reads as zeroes
-                    break
-                done += count
+            self._read_into(buffer, offset)
         except OSError as error:
             return Failed(self._error("read", offset, len(buffer), error))
         return COMPLETED
+
+    def read_in_thread(self, buffer: memoryview, offset: int) -> Pending[None]:
+        """`read` in a worker thread (preadv lets go of the GIL), for a reader that has
+        other work meanwhile; worth it for big reads only (a thread hop costs ~70 us)."""
+        return InThread(lambda: self._read_into(buffer, offset),
+                        lambda error: self._error("read", offset, len(buffer), error))
+
+    def _read_into(self, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):
+            count = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if count == 0:
+                buffer[done:] = bytes(len(buffer) - done)  # past EOF reads as zeroes
+                break
+            done += count
 
     def write(self, data: bytes | bytearray | memoryview, offset: int,
               fua: bool) -> Pending[None]:

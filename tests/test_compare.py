@@ -3,10 +3,12 @@ a real qemu-nbd."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
 
+from nbdverify.children import ChildError, FileChild
+from nbdverify.compare import Comparer
 from nbdverify.qemu_child import InPlace, map_in_place
 
 SIZE = 16 * 1024 * 1024
@@ -183,3 +187,37 @@ def test_in_place_pieces_split_at_the_mapped_ranges() -> None:
     assert list(places.pieces(15, 35)) == [(15, 20, 105), (20, 30, None), (30, 35, 500)]
     assert list(places.pieces(12, 18)) == [(12, 18, 102)]
     assert list(places.pieces(20, 30)) == [(20, 30, None)]
+
+
+# --- One file read in a worker thread ---------------------------------------------------
+
+
+class _NoProgress:
+    def update(self, count: int) -> None:
+        pass
+
+
+async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's, with B's read inline meanwhile; A's read errors still reach the comparer."""
+    threads: set[int] = set()
+    read_into = FileChild._read_into
+
+    def watched(child: FileChild, buffer: memoryview, offset: int) -> None:
+        threads.add(threading.get_ident())
+        if child.name == "A" and offset >= SIZE // 2 and failing:
+            raise OSError(errno.EIO, "Input/output error")
+        read_into(child, buffer, offset)
+
+    monkeypatch.setattr(FileChild, "_read_into", watched)
+    a, b = FileChild("A", str(pair[0]), readonly=True), FileChild("B", str(pair[1]),
+                                                                  readonly=True)
+    failing = False
+    result = await Comparer(a, b, _NoProgress()).run()  # type: ignore[arg-type]
+    assert result.ranges == EXPECTED
+    assert len(threads) >= 2 and threading.get_ident() in threads
+    failing = True
+    with pytest.raises(ChildError) as caught:
+        await Comparer(a, b, _NoProgress()).run()  # type: ignore[arg-type]
+    assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value
+    assert caught.value.offset >= SIZE // 2
