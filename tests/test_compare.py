@@ -193,7 +193,7 @@ def test_in_place_pieces_split_at_the_mapped_ranges() -> None:
 
 
 class _NoProgress:
-    def update(self, count: int) -> None:
+    def update(self, count: int, /) -> None:
         pass
 
 
@@ -213,11 +213,11 @@ async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path],
     a, b = FileChild("A", str(pair[0]), readonly=True), FileChild("B", str(pair[1]),
                                                                   readonly=True)
     failing = False
-    result = await Comparer(a, b, _NoProgress()).run()  # type: ignore[arg-type]
+    result = await Comparer(a, b, _NoProgress()).run()
     assert result.ranges == EXPECTED
     assert len(threads) >= 2 and threading.get_ident() in threads
     failing = True
     with pytest.raises(ChildError) as caught:
-        await Comparer(a, b, _NoProgress()).run()  # type: ignore[arg-type]
+        await Comparer(a, b, _NoProgress()).run()
     assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value
     assert caught.value.offset >= SIZE // 2
