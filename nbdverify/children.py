@@ -232,7 +232,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class FileChild:
     """A local file or block device. Page-cached I/O runs inline on the event loop
     (a thread hop costs ~170 us, far more than a cached pread); only fsync, which
-    can block for long, goes to a worker thread."""
+    can block for long, goes to a worker thread, and the big reads of a reader that
+    asks for that (`read_in_thread`)."""
 
     def __init__(self, name: str, path: str, readonly: bool = False) -> None:
         self.name = name
@@ -263,7 +264,8 @@ class FileChild:
 
     def read_in_thread(self, buffer: memoryview, offset: int) -> Pending[None]:
         """`read` in a worker thread (preadv lets go of the GIL), for a reader that has
-        other work meanwhile; worth it for big reads only (a thread hop costs ~70 us)."""
+        other work meanwhile (compare); worth it for big reads only (this hop measured
+        ~70 us, there and back)."""
         return InThread(lambda: self._read_into(buffer, offset),
                         lambda error: self._error("read", offset, len(buffer), error))
 

@@ -65,7 +65,7 @@ async def qemu_img(*arguments: str) -> bytes:
         result = await trio.run_process(["qemu-img", *arguments], capture_stdout=True,
                                         capture_stderr=True, check=False)
     except FileNotFoundError:
-        raise OSError("qemu-img is not installed (it probes image formats)") from None
+        raise OSError("qemu-img is not installed (it probes and maps images)") from None
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip().splitlines()
         raise OSError(message[-1] if message else f"qemu-img {arguments[0]} failed")
@@ -115,7 +115,7 @@ async def map_in_place(name: str, path: str, image_format: str) -> InPlace | Non
     in that), or if qemu-img cannot say."""
     if image_format != "qcow2":
         return None
-    places = InPlace(array("q"), array("q"), array("q"))
+    starts, ends, offsets = array("q"), array("q"), array("q")
     try:
         info = json.loads(await qemu_img("info", "--force-share", "--output=json",
                                          f"--format={image_format}", "--", path))
@@ -127,14 +127,14 @@ async def map_in_place(name: str, path: str, image_format: str) -> InPlace | Non
             entry = json.loads(match[0])
             if (entry.get("offset") is not None and entry["depth"] == 0 and entry["data"]
                     and not entry["zero"] and not entry.get("compressed")):
-                places.starts.append(entry["start"])
-                places.ends.append(entry["start"] + entry["length"])
-                places.offsets.append(entry["offset"])
+                starts.append(entry["start"])
+                ends.append(entry["start"] + entry["length"])
+                offsets.append(entry["offset"])
     except (OSError, ValueError, KeyError) as error:
         log_event(logging.DEBUG, "child-map", f"{name}: no qemu-img map of {path}: {error}",
                   child=name)
         return None
-    return places if places.starts else None
+    return InPlace(starts, ends, offsets) if starts else None
 
 
 class QemuChild(NbdChild):
@@ -144,6 +144,7 @@ class QemuChild(NbdChild):
     _in_place: tuple[FileChild, InPlace] | None = None
 
     def read_in_place(self, path: str, places: InPlace) -> None:
+        """From now on, read what `places` covers from the file at `path`."""
         try:
             file = FileChild(self.name, path, readonly=True)
         except OSError as error:  # then qemu-nbd reads it all, as without
