@@ -22,12 +22,13 @@ class ImageError(Exception):
 
 @asynccontextmanager
 async def open_image(role: str, target: str, image_format: str | None = None,
-                     readonly: bool = True) -> AsyncIterator[Child]:
-    """A child for `target` (file, QEMU image, NBD URI), closed on the way out."""
+                     readonly: bool = True, in_place: bool = False) -> AsyncIterator[Child]:
+    """A child for `target` (file, QEMU image, NBD URI), closed on the way out.
+    `in_place` (read-only): see open_qemu_child."""
     async with trio.open_nursery() as nursery:
         try:
             child = await open_child(role, ChildSpec(target, image_format), nursery, readonly,
-                                     None)
+                                     None, in_place and readonly)
         except OSError as error:
             raise ImageError(f"cannot open {target}: {error.strerror or error}") from None
         except ChildError as error:

@@ -20,12 +20,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nbdverify_protocol.constants import CommandFlag
 
 from .changes import Change, ChangeKind
-from .device import VerifiedDevice
 from .journal_format import (
     FAILED_RAW,
     FAILED_TEST,
@@ -42,6 +41,9 @@ from .journal_format import (
 )
 from .log import log_event
 from .nbd_child import is_nbd_uri
+
+if TYPE_CHECKING:  # the device (and all it imports) only matters to `serve`
+    from .device import VerifiedDevice
 
 _KINDS = {ChangeKind.WRITE: RecordKind.WRITE, ChangeKind.WRITE_ZEROES: RecordKind.WRITE_ZEROES,
           ChangeKind.TRIM: RecordKind.TRIM, ChangeKind.FLUSH: RecordKind.FLUSH}

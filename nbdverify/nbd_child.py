@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -36,7 +36,17 @@ from nbdverify_protocol.errors import ProtocolError, RemoteProtocolError
 from nbdverify_protocol.events import NEED_DATA
 from nbdverify_protocol.transmission import build_extended_request, build_request
 
-from .children import COMPLETED, ZERO_CHUNK, ChildError, Completed, Extent, Failed, Later, Pending
+from .children import (
+    COMPLETED,
+    ZERO_CHUNK,
+    AllOf,
+    ChildError,
+    Completed,
+    Extent,
+    Failed,
+    Later,
+    Pending,
+)
 from .log import log_event
 from .transport import Transport
 
@@ -109,32 +119,6 @@ class _Request:
         return self.child._finish(self).__await__()
 
 
-class _All:
-    """Several requests (one operation split at the server's maximum size) as one."""
-
-    __slots__ = ("_parts",)
-
-    def __init__(self, parts: list[Pending[None]]) -> None:
-        self._parts = parts
-
-    @property
-    def done(self) -> bool:
-        return all(part.done for part in self._parts)
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return self._finish().__await__()
-
-    async def _finish(self) -> None:
-        first: ChildError | None = None
-        for part in self._parts:
-            try:
-                await part
-            except ChildError as error:
-                first = first or error
-        if first is not None:
-            raise first
-
-
 class NbdChild:
     def __init__(self, name: str, location: str, stream: trio.SocketStream,
                  opened: ExportOpened, timeout: float | None, initial: bytes) -> None:
@@ -167,7 +151,7 @@ class NbdChild:
 
     @classmethod
     async def open(cls, name: str, uri: str, nursery: trio.Nursery,
-                   timeout: float | None = None) -> NbdChild:
+                   timeout: float | None = None) -> Self:
         """Connect, negotiate, and start reading replies in `nursery`."""
         address = NbdAddress.parse(uri)
         try:
@@ -320,7 +304,7 @@ class NbdChild:
             parts.append(self._submit_pieces(operation, command, start,
                                              view[start - offset:start - offset + length],
                                              flags))
-        return _All(parts)
+        return AllOf(parts)
 
     def read(self, buffer: memoryview, offset: int) -> Pending[None]:
         return self._submit_pieces("read", Command.READ, offset, buffer, 0)

@@ -81,12 +81,14 @@ def _from_qemu_json(node: Any) -> ChildSpec:
 
 
 async def open_child(role: str, spec: ChildSpec, nursery: trio.Nursery, readonly: bool,
-                     timeout: float | None) -> Child:
-    """Open one child; OSError or ChildError if it cannot be had."""
+                     timeout: float | None, in_place: bool = False) -> Child:
+    """Open one child; OSError or ChildError if it cannot be had. `in_place`: see
+    open_qemu_child."""
     if spec.is_uri:
         return await NbdChild.open(role, spec.target, nursery, timeout)
     os.stat(spec.target)  # a missing file is named plainly, before any probing
     image_format = spec.image_format or await probe_format(spec.target)
     if image_format == "raw":
         return FileChild(role, spec.target, readonly=readonly)
-    return await open_qemu_child(role, spec.target, image_format, nursery, readonly, timeout)
+    return await open_qemu_child(role, spec.target, image_format, nursery, readonly, timeout,
+                                 in_place)

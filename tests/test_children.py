@@ -47,6 +47,8 @@ from support import (
     run,
 )
 
+from nbdverify.qemu_child import MALLOC_TUNABLES, qemu_environment
+
 LIBNBD_TIMEOUT = 20.0
 #: (pattern, offset, length): aligned, unaligned, and across a 64 KiB cluster boundary.
 WRITES = [(0xAB, 0, MiB), (0xCD, 3 * MiB + 123, 4567), (0x3C, 6 * MiB - 1000, 70 * KiB)]
@@ -431,6 +433,19 @@ def test_qemu_nbd_stops_with_the_server(rig: Rig, tmp_path: Path) -> None:
     assert server.stop() == 0, server.stderr
     assert not is_running(pid), f"qemu-nbd {pid} outlived the server"
     assert not processes_mentioning(str(tmp_path))
+
+
+def test_qemu_nbd_keeps_its_freed_read_buffers(rig: Rig, tmp_path: Path) -> None:
+    """Its READ buffers come from a heap glibc does not trim (no page faults per READ);
+    GLIBC_TUNABLES of our own caller still come last, and win."""
+    images = make_format_pair(tmp_path, "qcow2", size=4 * MiB)
+    pid = qemu_nbd_pid(rig.serve_pair(images))
+    # glibc splits the variable at its colons in place, once parsed.
+    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    start = environment.index(b"GLIBC_TUNABLES=" + MALLOC_TUNABLES.split(":")[0].encode())
+    assert environment[start + 1] == MALLOC_TUNABLES.split(":")[1].encode()
+    mine = qemu_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert mine["GLIBC_TUNABLES"] == f"{MALLOC_TUNABLES}:glibc.malloc.arena_max=2"
 
 
 def test_startup_failure_leaves_no_qemu_nbd(rig: Rig, tmp_path: Path) -> None:

@@ -3,16 +3,23 @@ a real qemu-nbd."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
+
+from nbdverify.children import ChildError, FileChild
+from nbdverify.compare import Comparer
+from nbdverify.qemu_child import InPlace, map_in_place
 
 SIZE = 16 * 1024 * 1024
 #: Three separate places B differs from A: (offset, length).
@@ -118,3 +125,99 @@ def test_a_missing_image_is_one_line_and_status_2(pair: tuple[Path, Path],
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == f"nbdverify: cannot open {missing}: No such file or directory\n"
+
+
+# --- A qcow2's data read in place -------------------------------------------------------
+
+MiB = 1024 * 1024
+#: top.qcow2 over base.qcow2: its own data at 1-2 MiB (in place), a compressed cluster at
+#: 3 MiB, zero clusters at 4 MiB; the rest is the backing file's.
+TOP_WRITES = ("write -P 0x22 1M 1M", "write -c -P 0x33 3M 64k", "write -z 4M 128k")
+
+
+@pytest.fixture
+def layered(tmp_path: Path) -> Path:
+    base_raw, base, top = tmp_path / "base.raw", tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    base_raw.write_bytes(os.urandom(8 * MiB))
+    qemu_img = require_tool("qemu-img")
+    run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(base_raw), str(base)])
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
+    run([require_tool("qemu-io"), "-f", "qcow2", *(part for write in TOP_WRITES
+                                                  for part in ("-c", write)), str(top)])
+    return top
+
+
+async def test_only_a_qcow2s_own_plain_data_is_read_in_place(layered: Path,
+                                                           tmp_path: Path) -> None:
+    places = await map_in_place("B", str(layered), "qcow2")
+    assert places is not None
+    assert (list(places.starts), list(places.ends)) == ([MiB], [2 * MiB])
+    external = tmp_path / "external.qcow2"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-o",
+         f"data_file={tmp_path / 'external.raw'}", str(external), "1M"])
+    run([require_tool("qemu-io"), "-f", "qcow2", "-c", "write 0 64k", str(external)])
+    assert await map_in_place("B", str(external), "qcow2") is None  # its offsets are elsewhere
+
+
+def test_every_kind_of_qcow2_range_is_compared(layered: Path, tmp_path: Path) -> None:
+    """Data in place, compressed, zeroed and from the backing file, and a difference
+    across the edge of the data in place."""
+    raw = tmp_path / "top.raw"
+    run([require_tool("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(layered),
+         str(raw)])
+    assert nbdverify("compare", str(raw), str(layered)).returncode == 0
+    changes = ((MiB + 1000, 1), (2 * MiB - 10, 20), (3 * MiB + 100, 1), (4 * MiB + 5000, 1),
+               (6 * MiB + 512, 512))
+    with raw.open("r+b") as f:
+        for offset, length in changes:
+            f.seek(offset)
+            old = f.read(length)
+            f.seek(offset)
+            f.write(bytes(x ^ 0xFF for x in old))
+    result = nbdverify("compare", str(raw), str(layered), "--json")
+    assert result.returncode == 1, result.stderr
+    assert ranges(result.stdout) == [(offset // 512 * 512, -(-(offset + length) // 512) * 512)
+                                     for offset, length in changes]
+
+
+def test_in_place_pieces_split_at_the_mapped_ranges() -> None:
+    places = InPlace(array("q", [10, 30]), array("q", [20, 40]), array("q", [100, 500]))
+    assert list(places.pieces(0, 50)) == [(0, 10, None), (10, 20, 100), (20, 30, None),
+                                          (30, 40, 500), (40, 50, None)]
+    assert list(places.pieces(15, 35)) == [(15, 20, 105), (20, 30, None), (30, 35, 500)]
+    assert list(places.pieces(12, 18)) == [(12, 18, 102)]
+    assert list(places.pieces(20, 30)) == [(20, 30, None)]
+
+
+# --- One file read in a worker thread ---------------------------------------------------
+
+
+class _NoProgress:
+    def update(self, count: int, /) -> None:
+        pass
+
+
+async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's, with B's read inline meanwhile; A's read errors still reach the comparer."""
+    threads: set[int] = set()
+    read_into = FileChild._read_into
+
+    def watched(child: FileChild, buffer: memoryview, offset: int) -> None:
+        threads.add(threading.get_ident())
+        if child.name == "A" and offset >= SIZE // 2 and failing:
+            raise OSError(errno.EIO, "Input/output error")
+        read_into(child, buffer, offset)
+
+    monkeypatch.setattr(FileChild, "_read_into", watched)
+    a, b = FileChild("A", str(pair[0]), readonly=True), FileChild("B", str(pair[1]),
+                                                                  readonly=True)
+    failing = False
+    result = await Comparer(a, b, _NoProgress()).run()
+    assert result.ranges == EXPECTED
+    assert len(threads) >= 2 and threading.get_ident() in threads
+    failing = True
+    with pytest.raises(ChildError) as caught:
+        await Comparer(a, b, _NoProgress()).run()
+    assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value
+    assert caught.value.offset >= SIZE // 2
