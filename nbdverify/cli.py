@@ -173,6 +173,10 @@ def add_offline_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     comparing.add_argument("-f", metavar="FORMAT", dest="format_a", help="A's format")
     comparing.add_argument("-F", metavar="FORMAT", dest="format_b", help="B's format")
     comparing.add_argument("--json", action="store_true", help="one JSON object")
+    comparing.add_argument(
+        "--through-qemu", action="store_true",
+        help="read all of a qcow2 through QEMU's driver (qemu-nbd), as a guest would, not its "
+        "plain data clusters from the file (slower; for suspicions about the driver's reads)")
     comparing.set_defaults(handler=_command("compare"))
 
 

@@ -239,8 +239,9 @@ def report(args: argparse.Namespace, result: Comparison) -> None:
 
 
 async def compare(args: argparse.Namespace) -> int:
-    async with open_image("A", args.a, args.format_a, in_place=True) as a, \
-            open_image("B", args.b, args.format_b, in_place=True) as b:
+    in_place = not args.through_qemu
+    async with open_image("A", args.a, args.format_a, in_place=in_place) as a, \
+            open_image("B", args.b, args.format_b, in_place=in_place) as b:
         with progress_bar(min(a.size, b.size)) as progress:
             result = await Comparer(a, b, progress).run()
     report(args, result)

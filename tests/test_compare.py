@@ -3,6 +3,7 @@ a real qemu-nbd."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -18,8 +19,8 @@ import pytest
 from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
 
 from nbdverify.children import ChildError, FileChild
-from nbdverify.compare import Comparer
-from nbdverify.qemu_child import InPlace, map_in_place
+from nbdverify.compare import Comparer, compare
+from nbdverify.qemu_child import InPlace, QemuChild, map_in_place
 
 SIZE = 16 * 1024 * 1024
 #: Three separate places B differs from A: (offset, length).
@@ -221,3 +222,25 @@ async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path],
         await Comparer(a, b, _NoProgress()).run()
     assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value
     assert caught.value.offset >= SIZE // 2
+
+
+@pytest.mark.parametrize("through_qemu", [False, True])
+async def test_through_qemu_reads_a_qcow2_only_through_qemu_nbd(
+        pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], through_qemu: bool) -> None:
+    qcow2 = tmp_path / "b.qcow2"
+    run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(pair[1]),
+         str(qcow2)])
+    in_place: list[str] = []
+    read_in_place = QemuChild.read_in_place
+
+    def watched(child: QemuChild, path: str, places: InPlace) -> None:
+        in_place.append(path)
+        read_in_place(child, path, places)
+
+    monkeypatch.setattr(QemuChild, "read_in_place", watched)
+    args = argparse.Namespace(a=str(pair[0]), b=str(qcow2), format_a=None, format_b=None,
+                              json=True, through_qemu=through_qemu)
+    assert await compare(args) == 1
+    assert ranges(capsys.readouterr().out) == EXPECTED
+    assert in_place == ([] if through_qemu else [str(qcow2)])
