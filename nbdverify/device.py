@@ -263,8 +263,8 @@ class VerifiedDevice:
 
         def conclude(raw: Outcome[None], test: Outcome[None]) -> bytearray:
             raw_error, test_error = raw[1], test[1]
-            self._settle("read", offset, length, raw_error, test_error)
             if raw_error or test_error:
+                self._settle("read", offset, length, raw_error, test_error)
                 return reference  # LOG policy: serve the reference
             self._verify(reference, candidate, headroom, offset, length)
             return reference

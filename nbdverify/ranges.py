@@ -25,6 +25,8 @@ class Hold:
     @property
     def blocked(self) -> bool:
         """An earlier conflicting request has not finished yet."""
+        if not self._earlier:  # the usual case: nothing overlapped it on arrival
+            return False
         self._earlier = [other for other in self._earlier if other.active]
         return bool(self._earlier)
 

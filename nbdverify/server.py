@@ -113,32 +113,45 @@ class ExportConfig:
         return ADVERTISED_FLAGS
 
 
-class MemoryBudget:
-    """Bytes that requests in flight may hold; `acquire` waits until they fit."""
+class RequestBudget:
+    """What one connection's requests in flight may hold: a slot each, and the bytes
+    of their buffers; `acquire` waits until both fit. One object for both, so a
+    request takes and gives back its share in one call each (a trio.Semaphore beside
+    a byte count cost four Python calls a request more)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, slots: int, limit: int) -> None:
         self.limit = limit
+        self._slots = slots
         self._free = limit
+        self._waiting = 0
         self._lot = trio.lowlevel.ParkingLot()
 
     def try_acquire(self, amount: int) -> int | None:
-        """The charge taken (capped at the limit), or None if it does not fit now."""
+        """A slot and the charge taken (capped at the limit), or None if either is
+        not free now."""
         amount = min(amount, self.limit)
-        if self._free < amount:
+        if not self._slots or self._free < amount:
             return None
+        self._slots -= 1
         self._free -= amount
         return amount
 
     async def acquire(self, amount: int) -> int:
         amount = min(amount, self.limit)
-        while self._free < amount:
-            await self._lot.park()
+        while not self._slots or self._free < amount:
+            self._waiting += 1
+            try:
+                await self._lot.park()
+            finally:
+                self._waiting -= 1
+        self._slots -= 1
         self._free -= amount
         return amount
 
-    def release(self, amount: int) -> None:
+    def release(self, amount: int, slots: int) -> None:
         self._free += amount
-        if self._lot:
+        self._slots += slots
+        if self._waiting:
             self._lot.unpark_all()
 
 
@@ -163,11 +176,9 @@ class ReplyOutput:
     reply has left, so a client that never reads replies cannot make the server
     hold more than the budget."""
 
-    def __init__(self, transport: Transport, memory: MemoryBudget,
-                 in_flight: trio.Semaphore) -> None:
+    def __init__(self, transport: Transport, budget: RequestBudget) -> None:
         self._transport = transport
-        self._memory = memory
-        self._in_flight = in_flight
+        self._budget = budget
         self._queued: list[bytes | bytearray] = []
         self._charges = 0  # memory held by the queued replies
         self._slots = 0  # in-flight slots held by them
@@ -205,9 +216,7 @@ class ReplyOutput:
         self._unsent.append(batch)
 
     def _release(self, batch: _Unsent) -> None:
-        self._memory.release(batch.charges)
-        for _ in range(batch.slots):
-            self._in_flight.release()
+        self._budget.release(batch.charges, batch.slots)
 
     async def sent(self) -> None:
         """Until every reply handed to `send` has left."""
@@ -436,9 +445,8 @@ class Transmission:
         self.machine = machine
         self.origin_connection = connection.number
         self._transport = connection._transport
-        self._memory = MemoryBudget(MEMORY_BUDGET)
-        self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
-        self.output = ReplyOutput(self._transport, self._memory, self._in_flight)
+        self._budget = RequestBudget(MAX_IN_FLIGHT, MEMORY_BUDGET)
+        self.output = ReplyOutput(self._transport, self._budget)
         self._in_order: deque[tuple[Request, Operation[Any, Any], int]] = deque()
         self._more_in_order = trio.Event()
         self._waiting: trio.CancelScope | None = None  # the wait for the next request
@@ -562,30 +570,20 @@ class Transmission:
     def _reserve_now(self, request: Request) -> int | None:
         """Take an in-flight slot and the memory the request's buffers need, if both
         are free now (no coroutine: the usual case); None if `_reserve` must wait."""
-        if not self._in_flight.value:
-            return None
-        charge = self._memory.try_acquire(_buffer_bytes(request))
-        if charge is not None:
-            self._in_flight.acquire_nowait()
-        return charge
+        return self._budget.try_acquire(_buffer_bytes(request))
 
     async def _reserve(self, request: Request) -> int:
         """Wait for an in-flight slot and the request's memory: the client is ahead
         of its replies."""
         self.output.send()  # our own queued replies hold slots and memory: free them first
-        await self._in_flight.acquire()
-        wanted = _buffer_bytes(request)
-        charge = self._memory.try_acquire(wanted)
-        if charge is None:
-            charge = await self._memory.acquire(wanted)
-        return charge
+        return await self._budget.acquire(_buffer_bytes(request))
 
     def _start(self, request: Request) -> Operation[Any, Any]:
         device = self.device
         command = request.command
-        origin = Origin(self.origin_connection, request.cookie)
-        if command == Command.READ:
+        if command == Command.READ:  # first, and before an Origin that only changes need
             return device.read(request.offset, request.length, self.machine.read_headroom)
+        origin = Origin(self.origin_connection, request.cookie)
         if command == Command.WRITE:
             assert request.payload is not None
             return device.write(request.offset, request.payload, request.fua, origin)

@@ -173,31 +173,6 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
-def read_reply_header_size(structured: bool) -> int:
-    """Bytes reserved in front of READ data for the reply header."""
-    return OFFSET_DATA_HEADER.size if structured else SIMPLE_REPLY_HEADER.size
-
-
-def pack_read_reply_header(
-    buffer: bytearray, cookie: int, offset: int, length: int, structured: bool
-) -> None:
-    """Write the header into the room left in front of the data, so that the whole
-    reply goes out in one send."""
-    if structured:
-        OFFSET_DATA_HEADER.pack_into(
-            buffer,
-            0,
-            STRUCTURED_REPLY_MAGIC,
-            ReplyFlag.DONE,
-            ChunkType.OFFSET_DATA,
-            cookie,
-            OFFSET.size + length,
-            offset,
-        )
-    else:
-        SIMPLE_REPLY_HEADER.pack_into(buffer, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
-
-
 def none_chunk(cookie: int) -> bytes:
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.NONE, cookie, 0)
 
@@ -257,6 +232,8 @@ class Framing:
     read_headroom: int
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
+        """Write the header into the room left in front of the data, so that the whole
+        reply goes out in one send."""
         raise NotImplementedError
 
     def done(self, request: Request) -> bytes:
@@ -305,7 +282,9 @@ class StructuredFraming(Framing):
     read_headroom = OFFSET_DATA_HEADER.size
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
-        pack_read_reply_header(buffer, request.cookie, request.offset, request.length, True)
+        OFFSET_DATA_HEADER.pack_into(buffer, 0, STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                     ChunkType.OFFSET_DATA, request.cookie,
+                                     OFFSET.size + request.length, request.offset)
 
     def done(self, request: Request) -> bytes:
         return simple_reply(request.cookie)

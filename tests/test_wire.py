@@ -21,6 +21,7 @@ from nbdverify_protocol.constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ChunkType,
+    Command,
     InfoType,
     ReplyFlag,
     TransmissionFlag,
@@ -35,13 +36,13 @@ from nbdverify_protocol.transmission import (
     Negotiated,
     Request,
     ServerTransmission,
+    SimpleFraming,
+    StructuredFraming,
     block_status_chunk,
     build_request,
     error_chunk,
     error_reply,
     none_chunk,
-    pack_read_reply_header,
-    read_reply_header_size,
     simple_reply,
     truncate_message,
 )
@@ -384,8 +385,8 @@ def test_fast_path_sizes_match_construct() -> None:
     assert SIMPLE_REPLY_HEADER.size == wire.SimpleReply.sizeof() == 16
     assert CHUNK_HEADER.size == wire.ChunkHeader.sizeof() == 20
     assert OFFSET_DATA_HEADER.size == CHUNK_HEADER.size + 8
-    assert read_reply_header_size(structured=True) == OFFSET_DATA_HEADER.size
-    assert read_reply_header_size(structured=False) == SIMPLE_REPLY_HEADER.size
+    assert StructuredFraming.read_headroom == OFFSET_DATA_HEADER.size
+    assert SimpleFraming.read_headroom == SIMPLE_REPLY_HEADER.size
 
 
 @ROUND_TRIP
@@ -504,12 +505,16 @@ def test_offset_data_header_matches_construct(
     )
 
 
+def read_request(cookie: int, offset: int, length: int) -> Request:
+    return Request(0, Command.READ, cookie, offset, length)
+
+
 @ROUND_TRIP
 @given(u64, u64, st.binary(max_size=64))
 def test_pack_read_reply_header_structured(cookie: int, offset: int, data: bytes) -> None:
-    room = read_reply_header_size(structured=True)
+    room = StructuredFraming.read_headroom
     buffer = bytearray(room) + data
-    pack_read_reply_header(buffer, cookie, offset, len(data), structured=True)
+    StructuredFraming().pack_read_header(buffer, read_request(cookie, offset, len(data)))
     expected = wire.ChunkHeader.build(
         {
             "flags": ReplyFlag.DONE,
@@ -531,9 +536,9 @@ def test_pack_read_reply_header_structured_any_length(
     cookie: int, offset: int, length: int
 ) -> None:
     """The header alone, for lengths far too big to allocate; no bytes past it move."""
-    room = read_reply_header_size(structured=True)
+    room = StructuredFraming.read_headroom
     buffer = bytearray(b"\xaa" * (room + 4))
-    pack_read_reply_header(buffer, cookie, offset, length, structured=True)
+    StructuredFraming().pack_read_header(buffer, read_request(cookie, offset, length))
     assert bytes(buffer[:room]) == wire.ChunkHeader.build(
         {"flags": 1, "type": 1, "cookie": cookie, "length": 8 + length}
     ) + offset.to_bytes(8, "big")
@@ -543,9 +548,9 @@ def test_pack_read_reply_header_structured_any_length(
 @ROUND_TRIP
 @given(u64, u64, st.binary(max_size=64))
 def test_pack_read_reply_header_simple(cookie: int, offset: int, data: bytes) -> None:
-    room = read_reply_header_size(structured=False)
+    room = SimpleFraming.read_headroom
     buffer = bytearray(b"\xff" * room) + data
-    pack_read_reply_header(buffer, cookie, offset, len(data), structured=False)
+    SimpleFraming().pack_read_header(buffer, read_request(cookie, offset, len(data)))
     assert bytes(buffer) == wire.SimpleReply.build({"error": 0, "cookie": cookie}) + data
 
 
