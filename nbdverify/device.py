@@ -300,6 +300,7 @@ class VerifiedDevice:
                 origin: Origin | None, data: bytes | bytearray | memoryview | None,
                 start_both: Starter[None]) -> Operation[None, None]:
         """WRITE, WRITE_ZEROES or TRIM: on both children, then recorded."""
+        name = kind.value  # an Enum's .value is a Python-level property: read it once
         replaced: list[bytearray | None] = [None]
         if self._fingerprints and kind is ChangeKind.WRITE:
             start_both = self._keeping_old_content(offset, length, replaced, start_both)
@@ -314,9 +315,10 @@ class VerifiedDevice:
                 self._unverified.remove(offset, offset + length)
             self._changed(kind, offset, length, flags, origin, data, raw=raw_error,
                           test=test_error, replaced=replaced[0])
-            self._settle(kind.value, offset, length, raw_error, test_error)
+            if raw_error or test_error:
+                self._settle(name, offset, length, raw_error, test_error)
 
-        return self._start(kind.value, offset, length, True, start_both, conclude,
+        return self._start(name, offset, length, True, start_both, conclude,
                            waits_long=bool(flags & _FUA))
 
     def _keeping_old_content(self, offset: int, length: int, replaced: list[bytearray | None],
@@ -334,9 +336,12 @@ class VerifiedDevice:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool,
               origin: Origin | None = None) -> Operation[None, None]:
+        def start_both() -> tuple[Pending[None], Pending[None]]:
+            test = self.test.write(data, offset, fua)  # TEST first: see _on_each
+            return self.raw.write(data, offset, fua), test
+
         return self._change(ChangeKind.WRITE, offset, len(data), _FUA if fua else 0,
-                            origin, data,
-                            self._on_each(lambda child: child.write(data, offset, fua)))
+                            origin, data, start_both)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool,
                      fua: bool, origin: Origin | None = None) -> Operation[None, None]:

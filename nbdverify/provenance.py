@@ -45,6 +45,7 @@ PIECE = 4096
 
 _KINDS = (ChangeKind.WRITE, ChangeKind.WRITE_ZEROES, ChangeKind.TRIM, ChangeKind.FLUSH)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+_WRITE_CODE = _KIND_CODES[ChangeKind.WRITE]
 #: The request flags a record keeps, shifted above the two bits of the kind. A
 #: plain int: `&` on an IntFlag builds a new flag object (~1 us).
 _KEPT_FLAGS = int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO)
@@ -178,12 +179,14 @@ class Provenance:
             if change.data is not None and self.fingerprints:
                 self._index_pieces(sequence, change.offset, change.data)
         origin = change.origin
+        # (An Enum's hash is a Python-level call: the usual kind needs no dict.)
+        code = _WRITE_CODE if kind is ChangeKind.WRITE else _KIND_CODES[kind]
         page, at = divmod(sequence % self._record_cap, self._page_records)
         records = self._pages[page]
         if records is None:
             records = self._pages[page] = bytearray(self._page_records * _RECORD.size)
         _RECORD.pack_into(
-            records, at * _RECORD.size, _KIND_CODES[kind] | (change.flags & _KEPT_FLAGS) << 2,
+            records, at * _RECORD.size, code | (change.flags & _KEPT_FLAGS) << 2,
             -1 if origin is None else origin.connection, 0 if origin is None else origin.cookie,
             change.offset, change.length, change.wall_time, change.monotonic_time,
             fingerprint_at)
