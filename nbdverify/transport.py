@@ -79,10 +79,13 @@ class Transport:
         if self._fd is None:
             return buffers
         while buffers:
+            batch = buffers[:MAX_BUFFERS]
             try:
-                sent = os.writev(self._fd, buffers[:MAX_BUFFERS])
+                sent = os.writev(self._fd, batch)
             except BlockingIOError:
                 return buffers
+            if len(batch) == len(buffers) and sent == sum(map(len, batch)):
+                return []  # all of it, the usual case: no walk over the buffers in Python
             buffers = sent_so_far(buffers, sent)
         return buffers
 
