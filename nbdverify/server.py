@@ -541,7 +541,8 @@ class Transmission:
             elif isinstance(event, Request):
                 if self.device.policy.stopped.is_set():
                     break
-                charge = self._reserve_now(event)
+                # A slot and the request's memory if free now (no coroutine: the usual case).
+                charge = self._budget.try_acquire(_buffer_bytes(event))
                 if charge is None:
                     charge = await self._reserve(event)
                 self._dispatch(event, charge)
@@ -566,11 +567,6 @@ class Transmission:
         else:
             self._in_order.append((request, operation, charge))
             self._more_in_order.set()
-
-    def _reserve_now(self, request: Request) -> int | None:
-        """Take an in-flight slot and the memory the request's buffers need, if both
-        are free now (no coroutine: the usual case); None if `_reserve` must wait."""
-        return self._budget.try_acquire(_buffer_bytes(request))
 
     async def _reserve(self, request: Request) -> int:
         """Wait for an in-flight slot and the request's memory: the client is ahead
