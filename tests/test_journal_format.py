@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from xxhash import xxh3_64_intdigest
 
 from nbdverify.journal_format import (
+    BLOCK,
+    MAX_PAD,
     RECORD_OVERHEAD,
     JournalFormatError,
     JournalHeader,
@@ -18,6 +22,8 @@ from nbdverify.journal_format import (
     decode_record,
     encode_header,
     encode_record,
+    pack_pad_into,
+    pad_record_size,
     read_header,
 )
 
@@ -27,10 +33,10 @@ times = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @st.composite
-def records(draw: st.DrawFn) -> Record:
-    kind = draw(st.sampled_from(RecordKind))
+def records(draw: st.DrawFn, kinds: tuple[RecordKind, ...] = tuple(RecordKind)) -> Record:
+    kind = draw(st.sampled_from(kinds))
     payload = b""
-    if kind is RecordKind.WRITE:
+    if kind in (RecordKind.WRITE, RecordKind.PAD):
         payload = draw(st.binary(max_size=300))
     elif kind is RecordKind.NOTE:
         payload = draw(st.text(max_size=32)).encode()
@@ -57,14 +63,38 @@ def test_a_record_round_trips(record: Record) -> None:
     assert decode_record(encode_record(record)) == record
 
 
+CHANGES = tuple(kind for kind in RecordKind if kind is not RecordKind.PAD)
+
+
 @relaxed
 @given(st.builds(JournalHeader, u64, st.text(), st.text(), st.text(), times),
-       st.lists(records(), max_size=8))
-def test_a_journal_round_trips(header: JournalHeader, items: list[Record]) -> None:
-    reader = JournalReader(io.BytesIO(journal(header, items)))
+       st.lists(records(CHANGES), max_size=8), st.lists(st.booleans(), max_size=9))
+def test_a_journal_round_trips_and_its_pads_are_skipped(header: JournalHeader,
+                                                        items: list[Record],
+                                                        pads: list[bool]) -> None:
+    written = encode_header(header)
+    for index, record in enumerate([*items, None]):
+        if index < len(pads) and pads[index]:  # a pad wherever a batch may have ended
+            buffer = bytearray(MAX_PAD)
+            size = pad_record_size(len(written))
+            if size:
+                pack_pad_into(buffer, 0, size)
+                written += buffer[:size]
+                assert len(written) % BLOCK == 0
+        if record is not None:
+            written += encode_record(record)
+    reader = JournalReader(io.BytesIO(written))
     assert reader.header == header
     assert list(reader) == items
     assert reader.torn is None
+
+
+def test_a_version_1_journal_is_read() -> None:
+    old = bytearray(journal(HEADER, SAMPLE))
+    old[8] = 1
+    start = len(encode_header(HEADER))
+    old[start - 8:start] = struct.pack("<Q", xxh3_64_intdigest(bytes(old[:start - 8])))
+    assert list(JournalReader(io.BytesIO(bytes(old)))) == SAMPLE
 
 
 SAMPLE = [
@@ -116,6 +146,6 @@ def test_other_files_and_versions_are_refused_by_name() -> None:
     with pytest.raises(JournalFormatError, match="not an nbdverify journal"):
         read_header(io.BytesIO(b"QFI\xfb" + bytes(60)))
     future = bytearray(encode_header(HEADER))
-    future[8] = 2
-    with pytest.raises(JournalFormatError, match="version 2"):
+    future[8] = 3
+    with pytest.raises(JournalFormatError, match="version 3"):
         read_header(io.BytesIO(bytes(future)))

@@ -4,21 +4,38 @@ crashcheck, without processes."""
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from nbdverify.changes import Origin
+from nbdverify.changes import Change, ChangeKind, Origin
 from nbdverify.children import FileChild
 from nbdverify.compare import Segment, segments
 from nbdverify.crashcheck import ANYTHING, BLOCK, Model, digest, judge
 from nbdverify.device import VerifiedDevice
 from nbdverify.findings import differing_spans
-from nbdverify.journal import Selection, parse_range, parse_size, record_device
-from nbdverify.journal_format import FAILED_TEST, JournalReader, Record, RecordKind
+from nbdverify.journal import (
+    BATCH_SIZE,
+    WRITE_INTERVAL,
+    JournalRecorder,
+    Selection,
+    parse_range,
+    parse_size,
+    record_device,
+)
+from nbdverify.journal_format import (
+    FAILED_TEST,
+    JournalHeader,
+    JournalReader,
+    Record,
+    RecordKind,
+)
 from nbdverify_protocol.constants import CommandFlag
 
 SIZE = 1024 * 1024
@@ -52,6 +69,48 @@ async def test_the_recorder_journals_every_change_in_order(
     assert got[0].payload == b"abc" and got[0].flags == CommandFlag.FUA
     assert (got[0].connection, got[0].cookie) == (1, 7)
     assert got[1].connection is None and got[1].flags == CommandFlag.NO_HOLE
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct-where-it-can", "buffered"])
+def test_the_recorder_appends_whole_blocks_of_records(tmp_path: Path, direct: bool) -> None:
+    """Batches taken at different times, one larger than a standard batch: the file
+    stays a whole number of blocks, and the records read back in order."""
+    recorder = JournalRecorder(str(tmp_path / "j"), JournalHeader(SIZE), direct=direct)
+    if not direct:
+        assert not recorder.direct
+    sizes = [1, 4096, 0, BATCH_SIZE + 3, 100, 65536]
+    payloads = [os.urandom(size) for size in sizes]
+    for sequence, payload in enumerate(payloads, 1):
+        kind = ChangeKind.WRITE if payload else ChangeKind.FLUSH
+        recorder.changed(Change(sequence, kind, 0, len(payload), 0, None, 0.0, 0.0, payload))
+        assert os.path.getsize(tmp_path / "j") % 4096 == 0
+        time.sleep(3 * WRITE_INTERVAL)  # the writer takes this one alone
+    recorder.close()
+    assert os.path.getsize(tmp_path / "j") % 4096 == 0
+    with (tmp_path / "j").open("rb") as stream:
+        reader = JournalReader(stream)
+        got = list(reader)
+    assert reader.torn is None
+    assert [record.payload for record in got] == payloads
+    assert [record.sequence for record in got] == list(range(1, len(sizes) + 1))
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def refusing_direct(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing_direct)
+    recorder = JournalRecorder(str(tmp_path / "j"), JournalHeader(SIZE))
+    recorder.changed(Change(1, ChangeKind.WRITE, 0, 3, 0, None, 0.0, 0.0, b"abc"))
+    recorder.close()
+    assert not recorder.direct and recorder.stopped is None
+    with (tmp_path / "j").open("rb") as stream:
+        assert [record.payload for record in JournalReader(stream)] == [b"abc"]
 
 
 async def test_the_cap_stops_recording_once_with_a_note(tmp_path: Path,
