@@ -17,6 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import outcome
 import trio
+from mypy_extensions import mypyc_attr
 
 from nbdverify_protocol.constants import AllocationState, Errno
 
@@ -230,6 +231,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' recording and failing children
 class FileChild:
     """A local file or block device. Page-cached I/O runs inline on the event loop
     (a thread hop costs ~170 us, far more than a cached pread); only fsync, which

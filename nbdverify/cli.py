@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import NoReturn
 
+from nbdverify_protocol import native
 from nbdverify_protocol.negotiation import TlsMode
 
 from . import __version__, journal
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nbdverify",
         description="A verifying NBD server: writes go to RAW and TEST, reads compare both.",
     )
-    parser.add_argument("--version", action="version", version=f"nbdverify {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"nbdverify {__version__} ({native.describe()})")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser(
         "serve",

@@ -257,6 +257,7 @@ class JournalReader:
     position: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        self.torn = None  # compiled by mypyc, init=False fields get no default
         self.header = read_header(self.stream)
         self.position = self.stream.tell()
 

@@ -16,6 +16,7 @@ from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import trio
+from mypy_extensions import mypyc_attr
 
 from nbdverify_protocol.client import (
     ClientNegotiation,
@@ -119,6 +120,7 @@ class _Request:
         return self.child._finish(self).__await__()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # QemuChild
 class NbdChild:
     def __init__(self, name: str, location: str, stream: trio.SocketStream,
                  opened: ExportOpened, timeout: float | None, initial: bytes) -> None:

@@ -2,3 +2,7 @@
 
 Installed as ``nbdverify_protocol`` (the source directory is ``protocol/``).
 """
+
+from .native import activate as _activate
+
+_activate(__name__, __path__, __file__)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 # One receive into the input buffer takes up to this much: at QD16 a single receive
 # then carries every 4 KiB request (or reply) the peer has sent.
 RECEIVE_SIZE = 256 * 1024
 
 
+# Compiled with mypyc (protocol/native.py), a class needs leave to have subclasses
+# that are not: the negotiation machines and the client's reply reader.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ByteConversation:
     """Bytes received but not yet parsed, and bytes queued for the peer (negotiation:
     small messages, so plain copies)."""
@@ -112,6 +117,7 @@ class InputBuffer:
 DISCARD_CHUNK = 1024 * 1024
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PayloadStream:
     """What both transmission machines receive through: an input buffer for headers,
     and a sink for the payload being received (a buffer to fill, or bytes to drop).
@@ -183,7 +189,9 @@ class PayloadStream:
     def _sink_full(self) -> bool:
         """Move buffered bytes into the sink; True once the whole payload is in."""
         if self._unfilled:
-            self._unfilled = self._unfilled[self._input.take_into(self._unfilled):]
+            # Two statements: compiled by mypyc, `x[f(x):]` called f twice.
+            taken = self._input.take_into(self._unfilled)
+            self._unfilled = self._unfilled[taken:]
         if self._discard:
             self._discard -= self._input.skip(self._discard)
         return not self._unfilled and not self._discard

@@ -17,7 +17,7 @@ import enum
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from .buffers import PayloadStream
 from .constants import (
@@ -114,6 +114,16 @@ class Negotiated:
     extended_headers: bool = False
 
 
+# Module constants, not class attributes: mypyc compiles no computed class attribute.
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_DISC = int(Command.DISC)
+_FLUSH = int(Command.FLUSH)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_CHANGES = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
+_ENOSPC_ON = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES)))
+
+
 class RequestCheck:
     """The errors a request must get before it touches the device, for one session.
 
@@ -122,14 +132,6 @@ class RequestCheck:
     Offsets are Python integers, so `offset + length` cannot overflow; a request
     near 2**64 is simply beyond the end.
     """
-
-    _READ = int(Command.READ)
-    _WRITE = int(Command.WRITE)
-    _DISC = int(Command.DISC)
-    _FLUSH = int(Command.FLUSH)
-    _BLOCK_STATUS = int(Command.BLOCK_STATUS)
-    _CHANGES = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
-    _ENOSPC_ON = frozenset((int(Command.WRITE), int(Command.WRITE_ZEROES)))
 
     def __init__(self, session: Negotiated) -> None:
         flags = session.transmission_flags
@@ -151,16 +153,16 @@ class RequestCheck:
         allowed = self._allowed.get(command)
         if allowed is None or request.flags & ~allowed:  # unknown bits count too
             return Errno.EINVAL
-        if command == self._DISC or command == self._FLUSH:
+        if command in (_DISC, _FLUSH):
             return Errno.OK
-        if self._readonly and command in self._CHANGES:
+        if self._readonly and command in _CHANGES:
             return Errno.EPERM
-        if command == self._BLOCK_STATUS and not (self._has_contexts and request.length):
+        if command == _BLOCK_STATUS and not (self._has_contexts and request.length):
             return Errno.EINVAL
-        if (command == self._READ or command == self._WRITE) and request.length > MAX_PAYLOAD:
-            return Errno.EOVERFLOW if command == self._READ else Errno.EINVAL
+        if command in (_READ, _WRITE) and request.length > MAX_PAYLOAD:
+            return Errno.EOVERFLOW if command == _READ else Errno.EINVAL
         if request.offset + request.length > self._size:
-            return Errno.ENOSPC if command in self._ENOSPC_ON else Errno.EINVAL
+            return Errno.ENOSPC if command in _ENOSPC_ON else Errno.EINVAL
         return Errno.OK
 
 
@@ -229,7 +231,7 @@ class Framing:
     """How replies look in one session; chosen once, when transmission starts."""
 
     #: Bytes left in front of READ data for its reply header.
-    read_headroom: int
+    read_headroom: ClassVar[int]
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
         """Write the header into the room left in front of the data, so that the whole
@@ -241,7 +243,9 @@ class Framing:
         raise NotImplementedError
 
     def empty_read(self, request: Request) -> bytes:
-        raise NotImplementedError
+        """Success for a zero-length READ: where a READ may get the same reply as any
+        other command. (A method, not `empty_read = done`: mypyc compiles no alias.)"""
+        return self.done(request)
 
     def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
         raise NotImplementedError
@@ -251,21 +255,19 @@ class Framing:
         raise NotImplementedError
 
     #: The longest extent one descriptor can carry.
-    max_extent = MAX_EXTENT_LENGTH
+    max_extent: ClassVar[int] = MAX_EXTENT_LENGTH
 
 
 class SimpleFraming(Framing):
     """No structured replies: a 16-byte header, READ data after it, errors as numbers."""
 
-    read_headroom = SIMPLE_REPLY_HEADER.size
+    read_headroom: ClassVar[int] = SIMPLE_REPLY_HEADER.size
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
         SIMPLE_REPLY_HEADER.pack_into(buffer, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
 
     def done(self, request: Request) -> bytes:
         return simple_reply(request.cookie)
-
-    empty_read = done
 
     def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
         return simple_reply(request.cookie, error)
@@ -279,7 +281,7 @@ class SimpleFraming(Framing):
 class StructuredFraming(Framing):
     """Structured replies: READ data and errors in chunks; simple replies for the rest."""
 
-    read_headroom = OFFSET_DATA_HEADER.size
+    read_headroom: ClassVar[int] = OFFSET_DATA_HEADER.size
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
         OFFSET_DATA_HEADER.pack_into(buffer, 0, STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
@@ -304,8 +306,8 @@ class ExtendedFraming(Framing):
     """Extended headers: every reply a 32-byte chunk header echoing the request's
     offset; block status as 64-bit descriptors (BLOCK_STATUS_EXT)."""
 
-    read_headroom = EXTENDED_REPLY_HEADER.size + OFFSET.size
-    max_extent = 2**63
+    read_headroom: ClassVar[int] = EXTENDED_REPLY_HEADER.size + OFFSET.size
+    max_extent: ClassVar[int] = 2**63
 
     def pack_read_header(self, buffer: bytearray, request: Request) -> None:
         EXTENDED_REPLY_HEADER.pack_into(
@@ -315,8 +317,6 @@ class ExtendedFraming(Framing):
 
     def done(self, request: Request) -> bytes:
         return extended_chunk(DONE, ChunkType.NONE, request.cookie, request.offset)
-
-    empty_read = done
 
     def error(self, request: Request, error: int, message: str, offset: int | None) -> bytes:
         chunk_type, body = error_body(error, message, offset)

@@ -198,26 +198,31 @@ class _NoProgress:
         pass
 
 
-async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+class _WatchedChild(FileChild):
+    """Notes the threads its reads run on; fails A's second half on cue. A subclass,
+    not a patched method: compiled with mypyc, FileChild calls its own methods directly."""
+
+    threads: set[int]
+    failing = False
+
+    def _read_into(self, buffer: memoryview, offset: int) -> None:
+        self.threads.add(threading.get_ident())
+        if self.name == "A" and offset >= SIZE // 2 and self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super()._read_into(buffer, offset)
+
+
+async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path]) -> None:
     """A's, with B's read inline meanwhile; A's read errors still reach the comparer."""
     threads: set[int] = set()
-    read_into = FileChild._read_into
-
-    def watched(child: FileChild, buffer: memoryview, offset: int) -> None:
-        threads.add(threading.get_ident())
-        if child.name == "A" and offset >= SIZE // 2 and failing:
-            raise OSError(errno.EIO, "Input/output error")
-        read_into(child, buffer, offset)
-
-    monkeypatch.setattr(FileChild, "_read_into", watched)
-    a, b = FileChild("A", str(pair[0]), readonly=True), FileChild("B", str(pair[1]),
-                                                                  readonly=True)
-    failing = False
+    a, b = (_WatchedChild(name, str(path), readonly=True)
+            for name, path in zip("AB", pair, strict=True))
+    for child in (a, b):
+        child.threads = threads
     result = await Comparer(a, b, _NoProgress()).run()
     assert result.ranges == EXPECTED
     assert len(threads) >= 2 and threading.get_ident() in threads
-    failing = True
+    a.failing = True
     with pytest.raises(ChildError) as caught:
         await Comparer(a, b, _NoProgress()).run()
     assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value

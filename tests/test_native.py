@@ -1,0 +1,55 @@
+"""The compiled request path (scripts/build-native): in use when current, never when
+stale or switched off, and switched off for the suite's pure-Python run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbdverify_protocol
+from nbdverify_protocol import native
+
+REPOSITORY = Path(nbdverify_protocol.__file__).resolve().parent.parent
+
+
+def test_each_compiled_module_runs_compiled_unless_switched_off() -> None:
+    """scripts/setup builds it, so a run of scripts/test checks the compiled code; the
+    pure-Python run (NBDVERIFY_PURE_PYTHON=1) checks the same modules as source."""
+    modules = [importlib.import_module(name) for name in native.COMPILED]
+    if os.environ.get(native.PURE_PYTHON_VARIABLE):
+        assert not any(native.compiled(module) for module in modules)
+        assert native.activated == set()
+    else:
+        assert native.current_build(REPOSITORY) is not None, (
+            "build/native is missing or stale: run scripts/setup (scripts/build-native)")
+        assert [module.__name__ for module in modules if not native.compiled(module)] == []
+        assert native.activated == {"nbdverify", "nbdverify_protocol"}
+
+
+def test_a_build_of_other_sources_is_never_used(tmp_path: Path) -> None:
+    for directory in ("protocol", "nbdverify"):
+        shutil.copytree(REPOSITORY / directory, tmp_path / directory)
+    built = tmp_path / native.NATIVE_DIR
+    built.mkdir(parents=True)
+    (built / "SOURCES").write_text(native.sources_digest(tmp_path) + "\n")
+    assert native.current_build(tmp_path) == built
+    device = tmp_path / "nbdverify" / "device.py"
+    device.write_text(device.read_text() + "\n# edited after the build\n")
+    native.current_build.cache_clear()
+    assert native.current_build(tmp_path) is None
+
+
+def test_version_says_which_code_runs() -> None:
+    nbdverify = Path(sys.executable).parent / "nbdverify"
+    environment = {**os.environ, native.PURE_PYTHON_VARIABLE: "1"}
+    pure = subprocess.run([nbdverify, "--version"], capture_output=True, text=True,
+                          env=environment, check=True, timeout=60)
+    assert pure.stdout == "nbdverify 0.1.0 (pure Python: NBDVERIFY_PURE_PYTHON is set)\n"
+    environment.pop(native.PURE_PYTHON_VARIABLE)
+    default = subprocess.run([nbdverify, "--version"], capture_output=True, text=True,
+                             env=environment, check=True, timeout=60)
+    assert default.stdout == "nbdverify 0.1.0 (request path compiled with mypyc)\n"
