@@ -22,8 +22,8 @@ from functools import cache
 from pathlib import Path
 
 #: The modules compiled: the request path, from bytes in to both children and back.
-#: Not server.py (mypyc cannot compile `except*`) nor the negotiation machine (its
-#: decision table names methods, looked up at run time).
+#: Not server.py (accepting and negotiating: mypyc cannot compile its `except*`) nor
+#: the negotiation machine (its decision table names methods, looked up at run time).
 COMPILED = (
     "nbdverify_protocol.buffers",
     "nbdverify_protocol.client",
@@ -36,6 +36,7 @@ COMPILED = (
     "nbdverify.provenance",
     "nbdverify.ranges",
     "nbdverify.statistics",
+    "nbdverify.transmission",
     "nbdverify.transport",
 )
 #: mypyc's shared library of the compiled modules: nbdverify_protocol._native__mypyc.

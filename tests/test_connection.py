@@ -17,13 +17,14 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbdverify import server as server_module
+from nbdverify import transmission as transmission_module
 from nbdverify.children import COMPLETED, ChildError, Completed, Extent, Failed, FileChild, Pending
 from nbdverify.device import VerifiedDevice
 from nbdverify.findings import Divergence, Finding, Mismatch
 from nbdverify.nbd_child import NbdChild
 from nbdverify.policy import MismatchPolicy, OnMismatch
-from nbdverify.server import MAX_IN_FLIGHT, REPLY_BATCH_BYTES, ExportConfig, Server
+from nbdverify.server import ExportConfig, Server
+from nbdverify.transmission import MAX_IN_FLIGHT, REPLY_BATCH_BYTES
 from nbdverify_protocol.client import (
     ClientNegotiation,
     ExportOpened,
@@ -503,7 +504,7 @@ async def test_requests_in_flight_are_bounded() -> None:
 
 
 async def test_memory_held_by_requests_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_module, "MEMORY_BUDGET", 4 * MiB)
+    monkeypatch.setattr(transmission_module, "MEMORY_BUDGET", 4 * MiB)
     device, _, test, _ = memory_device()
     test.hold_all = gate = Gate()
     async with serving(device) as (server, nursery):
@@ -663,7 +664,7 @@ async def test_refused_requests_are_answered_and_the_connection_goes_on() -> Non
 
 async def test_a_stopping_server_serves_what_was_sent_then_closes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_module, "DRAIN_IDLE_SECONDS", 0.05)
+    monkeypatch.setattr(transmission_module, "DRAIN_IDLE_SECONDS", 0.05)
     device, _, test, _ = memory_device()
     test.held[0] = gate = Gate()
     async with serving(device) as (server, nursery):
