@@ -164,8 +164,9 @@ class JournalRecorder:
         self._stopped: str | None = None
         self._wake = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
-        self._thread.start()
+        # Not `_thread`: compiled by mypyc that became the C keyword __thread.
+        self._writer = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        self._writer.start()
 
     # --- The event loop's side: cheap, never waits on the file ---------------------------
 
@@ -227,7 +228,7 @@ class JournalRecorder:
         """Write what is recorded and close the file. Blocks: call from a thread."""
         self._closing = True
         self._wake.set()
-        self._thread.join()
+        self._writer.join()
 
     # --- The writer thread ---------------------------------------------------------------
 
@@ -266,7 +267,10 @@ class JournalRecorder:
         with memoryview(buffer) as whole:
             view = whole[:used + pad]
             while view:
-                view = view[os.write(self._fd, view):]
+                # Two statements: compiled by mypyc, a call inside a memoryview's (or
+                # bytearray's) slice bound runs twice, so this wrote every batch twice.
+                written = os.write(self._fd, view)
+                view = view[written:]
             view.release()
         if batch.flushes:
             os.fdatasync(self._fd)

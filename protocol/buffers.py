@@ -189,7 +189,8 @@ class PayloadStream:
     def _sink_full(self) -> bool:
         """Move buffered bytes into the sink; True once the whole payload is in."""
         if self._unfilled:
-            # Two statements: compiled by mypyc, `x[f(x):]` called f twice.
+            # Two statements: compiled by mypyc, a call inside a memoryview's (or
+            # bytearray's) slice bound runs twice (mypyc 2.4.1), losing payload bytes.
             taken = self._input.take_into(self._unfilled)
             self._unfilled = self._unfilled[taken:]
         if self._discard:

@@ -31,6 +31,7 @@ COMPILED = (
     "nbdverify.changes",
     "nbdverify.children",
     "nbdverify.device",
+    "nbdverify.journal",
     "nbdverify.journal_format",
     "nbdverify.nbd_child",
     "nbdverify.provenance",
