@@ -4,8 +4,8 @@ Block status comes first: a range both sides report as reading zero is skipped
 unread, and a range one side reports as zero is read on the other side only and
 checked for zeroes. The rest is read in pieces, several in flight at once (an NBD
 child's reads go out before the previous piece is compared), one file's reads in a
-worker thread so that they overlap the other side's, and compared with bytearray
-equality (memcmp); only a piece that differs is searched, by sub-blocks then
+worker thread so that they overlap the other side's, into page-aligned buffers, and
+compared with memcmp; only a piece that differs is searched, by sub-blocks then
 sectors, for where. A qcow2 is read through qemu-nbd, except its data that lies as
 it is in the file, which is read from there (qemu_child.map_in_place).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ SECTOR = 512
 #: flight as fast through NBD but 30% slower from files.
 CHUNK = 2 * 1024 * 1024
 DEPTH = 4
+PAGE = 4096
 #: Block status asks for at most this much at once (NBD lengths are 32-bit).
 STATUS_STEP = 1 << 30
 
@@ -135,12 +137,37 @@ class Comparison:
             self.ranges.append((start, end))
 
 
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memcmp.restype = ctypes.c_int
+
+
+class _Buffer:
+    """A page-aligned window into a bytearray, and its address for memcmp. A preadv
+    into a destination 16 bytes past a page boundary (where malloc puts a big
+    bytearray's data) ran at 1.6-2.2 GB/s here, into a page-aligned one at 6.1 GB/s
+    (the whole compare of 2 GiB: 2.7 s against qemu-img's 0.9 s)."""
+
+    def __init__(self, length: int) -> None:
+        self._storage = bytearray(length + PAGE)
+        # The ctypes view pins the bytearray (no resize), so the address stays valid.
+        self._pinned = (ctypes.c_char * len(self._storage)).from_buffer(self._storage)
+        base = ctypes.addressof(self._pinned)
+        start = -base % PAGE
+        self.address = base + start
+        self.view = memoryview(self._storage)[start:start + length]
+
+    def same_as(self, other: _Buffer) -> bool:
+        order: int = _memcmp(self.address, other.address, len(self.view))
+        return order == 0
+
+
 @dataclass
 class _Piece:
     start: int
     length: int
     segment: Segment
-    buffers: tuple[bytearray, bytearray]
+    buffers: tuple[_Buffer, _Buffer]
     reads: list[Pending[None]]
 
 
@@ -156,8 +183,8 @@ class Comparer:
         # above, 1.4 s instead of 1.6 s through NBD.
         self._in_thread = (a if isinstance(a, FileChild)
                            else b if isinstance(b, FileChild) else None)
-        self._free = [(bytearray(CHUNK), bytearray(CHUNK)) for _ in range(DEPTH + 1)]
-        self._zeroes = bytes(CHUNK)
+        self._free = [(_Buffer(CHUNK), _Buffer(CHUNK)) for _ in range(DEPTH + 1)]
+        self._zeroes = _Buffer(CHUNK)
 
     async def run(self) -> Comparison:
         size = min(self.a.size, self.b.size)
@@ -181,8 +208,8 @@ class Comparer:
                 length = min(CHUNK, segment.end - start)
                 # A short piece gets buffers of its own length, to compare them whole.
                 buffers = (self._free.pop() if length == CHUNK
-                           else (bytearray(length), bytearray(length)))
-                reads = [self._read(child, memoryview(buffer), start)
+                           else (_Buffer(length), _Buffer(length)))
+                reads = [self._read(child, buffer.view, start)
                          for child, buffer, zero in ((self.a, buffers[0], segment.a_zero),
                                                      (self.b, buffers[1], segment.b_zero))
                          if not zero]
@@ -196,17 +223,16 @@ class Comparer:
     async def _finish(self, piece: _Piece) -> None:
         for read in piece.reads:
             await read
-        first: bytes | bytearray
-        second: bytes | bytearray
         first, second = piece.buffers
         # A side that reports zero was not read: compare the other with zeroes.
-        zeroes = self._zeroes if piece.length == CHUNK else bytes(piece.length)
+        zeroes = self._zeroes if piece.length == CHUNK else _Buffer(piece.length)
         if piece.segment.a_zero:
             first = zeroes
         elif piece.segment.b_zero:
             second = zeroes
-        if first != second:
-            for start, end in differing_spans(first, second, 0, piece.start, piece.length):
+        if not first.same_as(second):
+            for start, end in differing_spans(bytes(first.view), bytes(second.view), 0,
+                                              piece.start, piece.length):
                 self.result.add(start, end)
         if piece.length == CHUNK:
             self._free.append(piece.buffers)
