@@ -3,6 +3,7 @@ stale or switched off, and switched off for the suite's pure-Python run."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import shutil
@@ -53,3 +54,30 @@ def test_version_says_which_code_runs() -> None:
     default = subprocess.run([nbdverify, "--version"], capture_output=True, text=True,
                              env=environment, check=True, timeout=60)
     assert default.stdout == "nbdverify 0.1.0 (request path compiled with mypyc)\n"
+
+
+def _calls_in_slice_bounds(source: str) -> list[int]:
+    """Lines where a slice bound calls anything but len(): compiled by mypyc 2.4.1,
+    such a call runs twice on a memoryview or bytearray (`view[os.write(fd, view):]`
+    wrote every journal batch twice)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Slice):
+            for bound in (node.lower, node.upper, node.step):
+                for inner in ast.walk(bound) if bound is not None else ():
+                    if isinstance(inner, ast.Call) and not (
+                            isinstance(inner.func, ast.Name) and inner.func.id == "len"):
+                        lines.append(inner.lineno)
+    return lines
+
+
+def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
+    assert _calls_in_slice_bounds("v = v[os.write(fd, v):]\nw = w[:len(w) - 1]\n") == [1]
+    found = {}
+    for module in native.COMPILED:
+        package, name = module.split(".")
+        path = REPOSITORY / ("protocol" if package == "nbdverify_protocol" else package)
+        lines = _calls_in_slice_bounds((path / f"{name}.py").read_text())
+        if lines:
+            found[module] = lines
+    assert found == {}, "give the call a statement of its own (see _calls_in_slice_bounds)"
