@@ -7,7 +7,6 @@ child failed, at what, and compare the two children's errors.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -20,6 +19,8 @@ import trio
 from mypy_extensions import mypyc_attr
 
 from nbdverify_protocol.constants import AllocationState, Errno
+
+from .libc import fallocate
 
 # Zero-fill fallbacks and extent scans work in steps of this size.
 ZERO_CHUNK = 1024 * 1024
@@ -218,18 +219,6 @@ class Child(Protocol):
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # the tests' recording and failing children
 class FileChild:

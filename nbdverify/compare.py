@@ -28,6 +28,7 @@ from .children import Child, FileChild, Pending
 from .findings import differing_spans
 from .images import open_image, run_offline
 from .journal import sector_span
+from .libc import memcmp
 
 SECTOR = 512
 #: Every pair is read in 2 MiB pieces, 4 in flight beyond the one being compared. An
@@ -137,11 +138,6 @@ class Comparison:
             self.ranges.append((start, end))
 
 
-_memcmp = ctypes.CDLL(None).memcmp
-_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-_memcmp.restype = ctypes.c_int
-
-
 class _Buffer:
     """A page-aligned window into a bytearray, and its address for memcmp. A preadv
     into a destination 16 bytes past a page boundary (where malloc puts a big
@@ -158,7 +154,7 @@ class _Buffer:
         self.view = memoryview(self._storage)[start:start + length]
 
     def same_as(self, other: _Buffer) -> bool:
-        order: int = _memcmp(self.address, other.address, len(self.view))
+        order: int = memcmp(self.address, other.address, len(self.view))
         return order == 0
 
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
 import trio
 
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(sig: signal.Signals) -> None:
-    """Have the kernel send `sig` to this process when its parent exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+from .libc import set_parent_death_signal
 
 
 def die_with_parent() -> None:

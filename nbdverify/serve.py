@@ -31,9 +31,10 @@ from .device import (
     VerifiedDevice,
 )
 from .dumps import DumpDir
+from .libc import reuse_freed_buffers, set_parent_death_signal
 from .log import configure_logging, log_event
 from .policy import MismatchPolicy, OnMismatch
-from .process import run_reporting, set_parent_death_signal
+from .process import run_reporting
 from .provenance import Provenance
 from .report import Reporter
 from .server import ExportConfig, Server, TlsConfig
@@ -325,6 +326,9 @@ async def serve(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     """Serve, once cli.main has checked the arguments."""
     configure_logging(args.verbose, args.log_format == "json")
+    if not reuse_freed_buffers():
+        log_event(logging.INFO, "malloc-untuned", "no mallopt in this C library: big READs "
+                  "get fresh pages each (slower)")
     if args.exit_with_parent:
         set_parent_death_signal(signal.SIGTERM)  # a graceful shutdown, as on Ctrl-C
     return run_reporting(lambda: serve(args), (StartupError,), EXIT_FAILURE)
