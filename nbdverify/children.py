@@ -254,6 +254,15 @@ class FileChild:
             return Failed(self._error("read", offset, len(buffer), error))
         return COMPLETED
 
+    def read_locally(self, buffer: memoryview, offset: int) -> bool:
+        """`read`, blocking, raising ChildError: for a worker thread that reads and
+        compares whole pieces (compare). True: it is read."""
+        try:
+            self._read_into(buffer, offset)
+        except OSError as error:
+            raise self._error("read", offset, len(buffer), error) from None
+        return True
+
     def read_in_thread(self, buffer: memoryview, offset: int) -> Pending[None]:
         """`read` in a worker thread (preadv lets go of the GIL), for a reader that has
         other work meanwhile (compare); worth it for big reads only (this hop measured

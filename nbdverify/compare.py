@@ -2,12 +2,13 @@
 
 Block status comes first: a range both sides report as reading zero is skipped
 unread, and a range one side reports as zero is read on the other side only and
-checked for zeroes. The rest is read in pieces, several in flight at once (an NBD
-child's reads go out before the previous piece is compared), one file's reads in a
-worker thread so that they overlap the other side's, into page-aligned buffers, and
-compared with memcmp; only a piece that differs is searched, by sub-blocks then
-sectors, for where. A qcow2 is read through qemu-nbd, except its data that lies as
-it is in the file, which is read from there (qemu_child.map_in_place).
+checked for zeroes. The rest is read in pieces into page-aligned buffers and compared
+with memcmp: by worker threads, a whole piece each, where both sides are local files;
+otherwise on the event loop, several in flight at once (an NBD child's reads go out
+before the previous piece is compared). Only a piece that differs is searched, by
+sub-blocks then sectors, for where. A qcow2 is read through qemu-nbd, except its
+data that lies as it is in the file, which is read from there
+(qemu_child.map_in_place).
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
+
+import trio
 
 from nbdverify_protocol.constants import AllocationState
 
-from .children import Child, FileChild, Pending
+from .children import Child, ChildError, FileChild, Pending
 from .findings import differing_spans
 from .images import open_image, run_offline
 from .journal import sector_span
 from .libc import memcmp
+from .qemu_child import QemuChild
 
 SECTOR = 512
 #: Every pair is read in 2 MiB pieces, 4 in flight beyond the one being compared. An
@@ -38,6 +45,8 @@ SECTOR = 512
 #: flight as fast through NBD but 30% slower from files.
 CHUNK = 2 * 1024 * 1024
 DEPTH = 4
+#: Threads reading and comparing a local pair: one per core (on 2 cores, 3 measured slower).
+LOCAL_WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
 PAGE = 4096
 #: Block status asks for at most this much at once (NBD lengths are 32-bit).
 STATUS_STEP = 1 << 30
@@ -158,40 +167,60 @@ class _Buffer:
         return order == 0
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Piece:
+    """Up to CHUNK bytes of a segment, compared as one."""
+
     start: int
     length: int
     segment: Segment
-    buffers: tuple[_Buffer, _Buffer]
-    reads: list[Pending[None]]
+
+
+_Buffers = tuple[_Buffer, _Buffer]
+
+
+def _local(child: Child) -> FileChild | QemuChild | None:
+    """`child`, if it may hold data a worker thread can read from a file directly."""
+    if isinstance(child, FileChild) or (isinstance(child, QemuChild) and child.reads_in_place):
+        return child
+    return None
 
 
 class Comparer:
-    """Compares two open images; `run` fills a Comparison."""
+    """Compares two open images; `run` fills a Comparison.
+
+    Where both sides are local files (a qcow2's data read in place included), worker
+    threads read and compare whole pieces, each piece on one core while its bytes
+    are in that core's cache: 0.43 s for a 2 GiB raw pair in two such threads here,
+    0.8 s in one, 1.3-1.5 s reading A in a thread and B on the event loop and
+    comparing there (the memcmp then read bytes another core had copied). Otherwise
+    the event loop reads both sides, several pieces in flight, one file's reads in a
+    worker thread so that they overlap the NBD side's: 1.4 s instead of 1.6 s.
+    """
 
     def __init__(self, a: Child, b: Child, progress: Progress) -> None:
         self.a, self.b = a, b
         self.progress = progress
         self.result = Comparison(a.size, b.size)
-        # One file is read in a worker thread, its copy overlapping the other side's
-        # reads (in place, or through NBD): 0.7 s instead of 0.9 s for raw vs qcow2
-        # above, 1.4 s instead of 1.6 s through NBD.
-        self._in_thread = (a if isinstance(a, FileChild)
+        local_a, local_b = _local(a), _local(b)
+        self._local = (local_a, local_b) if local_a and local_b else None
+        self._in_thread = (None if self._local is not None
+                           else a if isinstance(a, FileChild)
                            else b if isinstance(b, FileChild) else None)
         self._free = [(_Buffer(CHUNK), _Buffer(CHUNK)) for _ in range(DEPTH + 1)]
-        self._zeroes = _Buffer(CHUNK)
+        self._zeroes = _Buffer(CHUNK)  # never written: shared by the worker threads
+        self._found: list[tuple[int, int]] = []  # differing ranges, in any order
+        self._lock = threading.Lock()  # for _found and progress: worker threads add to them
 
     async def run(self) -> Comparison:
         size = min(self.a.size, self.b.size)
         plan = segments(await zero_map(self.a, size), await zero_map(self.b, size))
-        in_flight: list[_Piece] = []
-        for piece in self._pieces(plan):
-            in_flight.append(piece)
-            if len(in_flight) > DEPTH:
-                await self._finish(in_flight.pop(0))
-        for piece in in_flight:
-            await self._finish(piece)
+        pieces: Iterable[_Piece] = self._pieces(plan)
+        if self._local is not None:
+            pieces = await self._compare_locally(list(pieces))
+        await self._compare_on_loop(pieces)
+        for start, end in sorted(self._found):
+            self.result.add(start, end)
         return self.result
 
     def _pieces(self, plan: Iterator[Segment]) -> Iterator[_Piece]:
@@ -201,38 +230,106 @@ class Comparer:
                 self.progress.update(segment.end - segment.start)
                 continue
             for start in range(segment.start, segment.end, CHUNK):
-                length = min(CHUNK, segment.end - start)
-                # A short piece gets buffers of its own length, to compare them whole.
-                buffers = (self._free.pop() if length == CHUNK
-                           else (_Buffer(length), _Buffer(length)))
-                reads = [self._read(child, buffer.view, start)
-                         for child, buffer, zero in ((self.a, buffers[0], segment.a_zero),
-                                                     (self.b, buffers[1], segment.b_zero))
-                         if not zero]
-                yield _Piece(start, length, segment, buffers, reads)
+                yield _Piece(start, min(CHUNK, segment.end - start), segment)
+
+    # --- Both sides in local files: worker threads ------------------------------------
+
+    async def _compare_locally(self, pieces: list[_Piece]) -> list[_Piece]:
+        """Compare `pieces` in LOCAL_WORKERS threads; return those not all in local
+        files (a qcow2's compressed clusters, say), for the event loop."""
+        left_over: list[_Piece] = []
+        errors: list[ChildError] = []
+        stop = threading.Event()  # a failure, or the command cancelled
+
+        def work(first: int) -> None:
+            assert self._local is not None
+            reusable = (_Buffer(CHUNK), _Buffer(CHUNK))
+            for piece in pieces[first::LOCAL_WORKERS]:
+                if stop.is_set():
+                    return
+                buffers = reusable if piece.length == CHUNK else _own_buffers(piece)
+                try:
+                    read = all(zero or child.read_locally(buffer.view, piece.start)
+                               for child, buffer, zero in _sides(self._local, buffers, piece))
+                except ChildError as error:
+                    errors.append(error)
+                    stop.set()
+                    return
+                if read:
+                    self._check(piece, buffers)
+                else:
+                    with self._lock:
+                        left_over.append(piece)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for first in range(LOCAL_WORKERS):
+                    nursery.start_soon(partial(trio.to_thread.run_sync, work, first,
+                                               abandon_on_cancel=True))
+        finally:
+            stop.set()
+        if errors:
+            raise min(errors, key=lambda error: error.offset)
+        return sorted(left_over, key=lambda piece: piece.start)
+
+    # --- Otherwise: the event loop ------------------------------------------------------
+
+    async def _compare_on_loop(self, pieces: Iterable[_Piece]) -> None:
+        in_flight: list[tuple[_Piece, _Buffers, list[Pending[None]]]] = []
+        for piece in pieces:
+            buffers = self._free.pop() if piece.length == CHUNK else _own_buffers(piece)
+            reads = [self._read(child, buffer.view, piece.start)
+                     for child, buffer, zero in _sides((self.a, self.b), buffers, piece)
+                     if not zero]
+            in_flight.append((piece, buffers, reads))
+            if len(in_flight) > DEPTH:
+                await self._finish(*in_flight.pop(0))
+        for started in in_flight:
+            await self._finish(*started)
 
     def _read(self, child: Child, buffer: memoryview, offset: int) -> Pending[None]:
         if self._in_thread is not None and child is self._in_thread:
             return self._in_thread.read_in_thread(buffer, offset)
         return child.read(buffer, offset)
 
-    async def _finish(self, piece: _Piece) -> None:
-        for read in piece.reads:
+    async def _finish(self, piece: _Piece, buffers: _Buffers, reads: list[Pending[None]]
+                      ) -> None:
+        for read in reads:
             await read
-        first, second = piece.buffers
-        # A side that reports zero was not read: compare the other with zeroes.
-        zeroes = self._zeroes if piece.length == CHUNK else _Buffer(piece.length)
-        if piece.segment.a_zero:
-            first = zeroes
-        elif piece.segment.b_zero:
-            second = zeroes
-        if not first.same_as(second):
-            for start, end in differing_spans(bytes(first.view), bytes(second.view), 0,
-                                              piece.start, piece.length):
-                self.result.add(start, end)
+        self._check(piece, buffers)
         if piece.length == CHUNK:
-            self._free.append(piece.buffers)
-        self.progress.update(piece.length)
+            self._free.append(buffers)
+
+    # --- Either way -----------------------------------------------------------------------
+
+    def _check(self, piece: _Piece, buffers: _Buffers) -> None:
+        """Compare a piece as read into `buffers`; note where it differs. A side that
+        reports zero was not read: zeroes stand in for it."""
+        zeroes = self._zeroes if piece.length == CHUNK else _Buffer(piece.length)
+        first, second = (zeroes if piece.segment.a_zero else buffers[0],
+                         zeroes if piece.segment.b_zero else buffers[1])
+        differing: list[tuple[int, int]] = []
+        if not first.same_as(second):
+            differing.extend(differing_spans(bytes(first.view), bytes(second.view), 0,
+                                             piece.start, piece.length))
+        with self._lock:
+            self._found.extend(differing)
+            self.progress.update(piece.length)
+
+
+C = TypeVar("C", bound=Child)
+
+
+def _sides(children: tuple[C, C], buffers: _Buffers,
+           piece: _Piece) -> tuple[tuple[C, _Buffer, bool], tuple[C, _Buffer, bool]]:
+    """(child, its buffer, whether it reports zero here) for A and for B."""
+    return ((children[0], buffers[0], piece.segment.a_zero),
+            (children[1], buffers[1], piece.segment.b_zero))
+
+
+def _own_buffers(piece: _Piece) -> _Buffers:
+    """A short piece gets buffers of its own length, to compare them whole."""
+    return _Buffer(piece.length), _Buffer(piece.length)
 
 
 def report(args: argparse.Namespace, result: Comparison) -> None:

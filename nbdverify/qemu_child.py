@@ -168,6 +168,24 @@ class QemuChild(NbdChild):
             return COMPLETED
         return parts[0] if len(parts) == 1 else AllOf(parts)
 
+    @property
+    def reads_in_place(self) -> bool:
+        return self._in_place is not None
+
+    def read_locally(self, buffer: memoryview, offset: int) -> bool:
+        """FileChild.read_locally, if all of [offset, +len(buffer)) lies in place;
+        False (nothing read) if not. Safe in a worker thread: it touches only the file."""
+        if self._in_place is None:
+            return False
+        file, places = self._in_place
+        pieces = list(places.pieces(offset, offset + len(buffer)))
+        if any(file_offset is None for _, _, file_offset in pieces):
+            return False
+        for start, end, file_offset in pieces:
+            assert file_offset is not None
+            file.read_locally(buffer[start - offset:end - offset], file_offset)
+        return True
+
     async def aclose(self) -> None:
         try:
             await super().aclose()

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
 
 from nbdverify.children import ChildError, FileChild
-from nbdverify.compare import Comparer, compare
+from nbdverify.compare import CHUNK, LOCAL_WORKERS, Comparer, compare
+from nbdverify.nbd_child import NbdChild
 from nbdverify.qemu_child import InPlace, QemuChild, map_in_place
 
 SIZE = 16 * 1024 * 1024
@@ -190,7 +192,7 @@ def test_in_place_pieces_split_at_the_mapped_ranges() -> None:
     assert list(places.pieces(20, 30)) == [(20, 30, None)]
 
 
-# --- One file read in a worker thread ---------------------------------------------------
+# --- Where the reads run ------------------------------------------------------------------
 
 
 class _NoProgress:
@@ -212,8 +214,9 @@ class _WatchedChild(FileChild):
         super()._read_into(buffer, offset)
 
 
-async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path]) -> None:
-    """A's, with B's read inline meanwhile; A's read errors still reach the comparer."""
+async def test_a_file_pair_is_read_and_compared_in_worker_threads(
+        pair: tuple[Path, Path]) -> None:
+    """Never on the event loop; A's read errors still reach the comparer."""
     threads: set[int] = set()
     a, b = (_WatchedChild(name, str(path), readonly=True)
             for name, path in zip("AB", pair, strict=True))
@@ -221,12 +224,31 @@ async def test_a_files_reads_go_to_a_worker_thread(pair: tuple[Path, Path]) -> N
         child.threads = threads
     result = await Comparer(a, b, _NoProgress()).run()
     assert result.ranges == EXPECTED
-    assert len(threads) >= 2 and threading.get_ident() in threads
+    assert len(threads) == min(LOCAL_WORKERS, SIZE // CHUNK)
+    assert threading.get_ident() not in threads
     a.failing = True
     with pytest.raises(ChildError) as caught:
         await Comparer(a, b, _NoProgress()).run()
     assert (caught.value.child, caught.value.operation) == ("A", "read"), caught.value
     assert caught.value.offset >= SIZE // 2
+
+
+async def test_against_an_nbd_uri_a_files_reads_go_to_a_worker_thread(
+        pair: tuple[Path, Path], served_b: str) -> None:
+    """Overlapping the NBD side's, which the event loop reads."""
+    threads: set[int] = set()
+    a = _WatchedChild("A", str(pair[0]), readonly=True)
+    a.threads = threads
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            b = await NbdChild.open("B", served_b, nursery)
+            try:
+                result = await Comparer(a, b, _NoProgress()).run()
+            finally:
+                await b.aclose()
+                nursery.cancel_scope.cancel()  # its reply reader and request writer
+    assert result.ranges == EXPECTED
+    assert threads and threading.get_ident() not in threads
 
 
 @pytest.mark.parametrize("through_qemu", [False, True])
