@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nbdverify_protocol import wire
@@ -1016,6 +1016,7 @@ ERROR_REPLY_TYPES = {int(kind) for kind in OptionReplyType if kind & 2**31}
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from([0x0, 0x1, 0x3]), st.lists(PIECES, max_size=12))
+@example(0x1, [b"IHAVEOPT\x00\x00\x00\x0b\x00\x00\x00\x00"])  # EXTENDED_HEADERS: an ACK
 def test_random_input_only_raises_remote_errors(flags: int, pieces: list[bytes]) -> None:
     machine = ServerNegotiation(max_option_length=FUZZ_LIMIT)
     machine.data_to_send()
@@ -1041,10 +1042,12 @@ def test_random_input_only_raises_remote_errors(flags: int, pieces: list[bytes])
             if state_of(machine) is State.CLOSED:  # a refused EXPORT_NAME
                 return
         for reply in parse_replies(machine.data_to_send()):  # well-framed replies only
-            # Every decision was a refusal: the one success the machine gives on its
-            # own is STRUCTURED_REPLY's ACK; anything else is a known error type.
+            # Every decision was a refusal: the only successes the machine gives on its
+            # own are the ACKs of STRUCTURED_REPLY and EXTENDED_HEADERS; anything else
+            # is a known error type.
             if reply.reply_type == OptionReplyType.ACK:
-                assert (reply.option, reply.payload) == (Option.STRUCTURED_REPLY, b"")
+                assert reply.option in (Option.STRUCTURED_REPLY, Option.EXTENDED_HEADERS)
+                assert reply.payload == b""
             else:
                 assert reply.reply_type in ERROR_REPLY_TYPES
         assert state_of(machine) is State.AWAIT_OPTION
