@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import trio
 
+from nbdverify_protocol import native
 from nbdverify_protocol.negotiation import TlsMode
 
 from . import journal
@@ -323,9 +324,17 @@ async def serve(args: argparse.Namespace) -> int:
     raise AssertionError("unreachable")
 
 
+def warn_if_uncompiled() -> None:
+    """A source checkout whose build is stale serves pure Python, by design, and so
+    silently 1.1-1.5x slower (README, Speed): a benchmark ran so unnoticed once."""
+    if native.unbuilt:
+        log_event(logging.WARNING, "uncompiled", f"serving {native.describe()}")
+
+
 def main(args: argparse.Namespace) -> int:
     """Serve, once cli.main has checked the arguments."""
     configure_logging(args.verbose, args.log_format == "json")
+    warn_if_uncompiled()
     if not reuse_freed_buffers():
         log_event(logging.INFO, "malloc-untuned", "no mallopt in this C library: big READs "
                   "get fresh pages each (slower)")

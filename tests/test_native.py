@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import nbdverify_protocol
+from nbdverify.serve import warn_if_uncompiled
 from nbdverify_protocol import native
 
 REPOSITORY = Path(nbdverify_protocol.__file__).resolve().parent.parent
@@ -81,3 +84,18 @@ def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
         if lines:
             found[module] = lines
     assert found == {}, "give the call a statement of its own (see _calls_in_slice_bounds)"
+
+
+def test_serving_from_a_stale_build_says_so(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(native, "unbuilt", set())
+    warn_if_uncompiled()
+    assert not caplog.records
+    monkeypatch.setattr(native, "unbuilt", {REPOSITORY})
+    monkeypatch.setattr(native, "activated", set())
+    monkeypatch.delenv(native.PURE_PYTHON_VARIABLE, raising=False)
+    warn_if_uncompiled()
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == ("serving pure Python: build/native is missing or stale; "
+                                   "run scripts/build-native")
