@@ -248,9 +248,13 @@ class Comparer:
                 if stop.is_set():
                     return
                 buffers = reusable if piece.length == CHUNK else _own_buffers(piece)
+                # A qcow2 side first: if its piece is not all in place it says so before
+                # the file side is read for nothing (the loop reads the piece again).
+                sides = sorted(_sides(self._local, buffers, piece),
+                               key=lambda side: isinstance(side[0], FileChild))
                 try:
                     read = all(zero or child.read_locally(buffer.view, piece.start)
-                               for child, buffer, zero in _sides(self._local, buffers, piece))
+                               for child, buffer, zero in sides)
                 except ChildError as error:
                     errors.append(error)
                     stop.set()

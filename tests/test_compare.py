@@ -21,6 +21,7 @@ from support import START_TIMEOUT, nbdverify, require_tool, run, terminate
 
 from nbdverify.children import ChildError, FileChild
 from nbdverify.compare import CHUNK, LOCAL_WORKERS, Comparer, compare
+from nbdverify.images import open_image
 from nbdverify.nbd_child import NbdChild
 from nbdverify.qemu_child import InPlace, QemuChild, map_in_place
 
@@ -206,9 +207,12 @@ class _WatchedChild(FileChild):
 
     threads: set[int]
     failing = False
+    offsets: list[int]
 
     def _read_into(self, buffer: memoryview, offset: int) -> None:
         self.threads.add(threading.get_ident())
+        if hasattr(self, "offsets"):
+            self.offsets.append(offset)
         if self.name == "A" and offset >= SIZE // 2 and self.failing:
             raise OSError(errno.EIO, "Input/output error")
         super()._read_into(buffer, offset)
@@ -271,3 +275,21 @@ async def test_through_qemu_reads_a_qcow2_only_through_qemu_nbd(
     assert await compare(args) == 1
     assert ranges(capsys.readouterr().out) == EXPECTED
     assert in_place == ([] if through_qemu else [str(qcow2)])
+
+
+async def test_a_file_is_read_once_a_piece_against_a_qcow2_not_all_in_place(
+        layered: Path, tmp_path: Path) -> None:
+    """Pieces the qcow2 cannot read in place (compressed, from its backing file) go to
+    the event loop, and the file side is not read twice for them."""
+    raw = tmp_path / "top.raw"
+    run([require_tool("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(layered),
+         str(raw)])
+    a = _WatchedChild("A", str(raw), readonly=True)
+    a.threads, a.offsets = set(), []
+    with trio.fail_after(60):
+        async with open_image("B", str(layered), "qcow2", in_place=True) as b:
+            assert isinstance(b, QemuChild) and b.reads_in_place
+            result = await Comparer(a, b, _NoProgress()).run()
+    assert result.identical
+    assert sorted(a.offsets) == sorted(set(a.offsets))  # no piece read twice
+    assert threading.get_ident() in a.threads  # the pieces not in place: on the loop
