@@ -6,7 +6,6 @@ for that test's files outlives it."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -30,6 +29,8 @@ from support import (
     terminate,
     wait_until_serving,
 )
+
+from nbdverify.process import die_with_parent
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -118,15 +119,6 @@ def qemu_nbd_pid(server: RunningServer) -> int:
     assert parent_of(pid) == server.process.pid, f"qemu-nbd {pid} is not the server's child"
     assert "qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     return pid
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_pytest() -> None:
-    """preexec_fn for helper servers: SIGKILL if pytest itself dies."""
-    _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 # --- Images ---------------------------------------------------------------------------
@@ -237,8 +229,9 @@ class Rig:
     def _helper(self, name: str, command: list[str], socket: Path) -> Helper:
         log = self.directory / f"{name}.log"
         with log.open("wb") as output:
+            # SIGKILL if pytest itself dies.
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=subprocess.STDOUT, preexec_fn=_die_with_pytest)
+                                       stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         helper = Helper(name, process, socket, log)
         self.helpers.append(helper)
         if not wait_until(lambda: socket.exists() or process.poll() is not None,
