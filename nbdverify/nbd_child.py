@@ -87,6 +87,11 @@ class NbdAddress:
         return await trio.open_tcp_stream(self.host, self.port)
 
 
+class ChildRefused(ChildError):
+    """Nothing listens at the child's address (yet: a server between its bind and
+    its listen refuses too)."""
+
+
 def is_nbd_uri(text: str) -> bool:
     return text.startswith(("nbd://", "nbd+unix://"))
 
@@ -169,6 +174,8 @@ class NbdChild:
                     if not data:
                         raise RemoteProtocolError("server closed the connection")
                     machine.receive_data(data)
+        except ConnectionRefusedError as error:
+            raise ChildRefused(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ProtocolError) as error:
             raise ChildError(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None

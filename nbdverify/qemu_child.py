@@ -34,7 +34,7 @@ from nbdverify_protocol.constants import Errno
 
 from .children import COMPLETED, AllOf, ChildError, FileChild, Pending
 from .log import log_event
-from .nbd_child import NbdChild
+from .nbd_child import ChildRefused, NbdChild
 from .process import die_with_parent
 
 READY_TIMEOUT = 30.0
@@ -273,25 +273,30 @@ async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio
     server = _QemuNbd(name, [*command, "--", path], nursery)
     try:
         places = await map_in_place(name, path, image_format) if in_place else None
+        # A QemuChild only to read in place: its read is interpreted code (a subclass
+        # of the compiled NbdChild), which cost a serving qcow2 child ~5% of its CPU.
+        kind = NbdChild if places is None else QemuChild
         with trio.fail_after(READY_TIMEOUT):
-            while not os.path.exists(socket_path):
+            while True:
                 if server.process.poll() is not None:
                     raise ChildError(name, "open", 0, 0, Errno.EIO,
                                      server.failure(path, image_format))
+                if os.path.exists(socket_path):
+                    try:
+                        child = await kind.open(name, f"nbd+unix:///?socket={socket_path}",
+                                                nursery, timeout)
+                        break
+                    except ChildRefused:
+                        # Between qemu-nbd's bind and its listen (seen with two servers
+                        # starting at once), or it failed to open the image and exits:
+                        # then its own words say why, better than "connection refused".
+                        pass
+                    except ChildError:
+                        if await server.wait(2.0):
+                            raise ChildError(name, "open", 0, 0, Errno.EIO,
+                                             server.failure(path, image_format)) from None
+                        raise
                 await trio.sleep(SOCKET_POLL)
-        try:
-            # A QemuChild only to read in place: its read is interpreted code (a subclass
-            # of the compiled NbdChild), which cost a serving qcow2 child ~5% of its CPU.
-            kind = NbdChild if places is None else QemuChild
-            child = await kind.open(name, f"nbd+unix:///?socket={socket_path}", nursery,
-                                    timeout)
-        except ChildError:
-            # qemu-nbd makes its socket before it opens the image: if it then failed,
-            # its own words say why better than "connection refused".
-            if await server.wait(2.0):
-                raise ChildError(name, "open", 0, 0, Errno.EIO,
-                                 server.failure(path, image_format)) from None
-            raise
     except trio.TooSlowError:
         await server.stop()
         raise ChildError(name, "open", 0, 0, Errno.EIO,

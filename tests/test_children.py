@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -141,6 +142,37 @@ def test_wrong_test_format_fails_startup_cleanly(rig: Rig, tmp_path: Path) -> No
         assert "vmdk" in result.stderr.lower(), result.stderr
         assert not report.exists()
         assert not processes_mentioning(str(tmp_path)), processes_mentioning(str(tmp_path))
+
+
+STAND_IN = """#!/usr/bin/python3
+import os, socket, sys, time
+path = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--socket="))
+bound = socket.socket(socket.AF_UNIX)
+bound.bind(path)  # and no listen: a connect now is refused
+time.sleep(0.3)
+bound.close()
+os.unlink(path)
+os.execv(REAL, [REAL, *sys.argv[1:]])
+"""
+
+
+def test_a_qemu_nbd_that_refuses_before_it_listens_is_asked_again(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-nbd's socket appears at its bind, a moment before it listens, and a
+    connect in between is refused (seen with two servers starting at once). A
+    stand-in holds that moment open for 0.3 s, then becomes the real qemu-nbd: the
+    server starts all the same."""
+    real = shutil.which("qemu-nbd")
+    assert real is not None
+    stand_in = tmp_path / "bin" / "qemu-nbd"
+    stand_in.parent.mkdir()
+    stand_in.write_text(STAND_IN.replace("REAL", repr(real)))
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+    images = make_format_pair(tmp_path, "qcow2")
+    server = rig.serve_pair(images, "--on-mismatch=error")
+    write_read_compare(server, images.raw)
+    assert_quiet(server)
 
 
 def test_nbd_child_that_resets_the_handshake_fails_startup_cleanly(tmp_path: Path) -> None:
