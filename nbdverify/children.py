@@ -60,7 +60,34 @@ class Pending(Protocol[T_co]):
         device may finish the operation in place (`device.outcome_now`)."""
         ...
 
+    @property
+    def reported(self) -> bool:
+        """When it becomes done, its child tells its `progress` listeners (an NBD
+        child's reply reader does, after each batch of replies), so that a connection
+        can finish it right there instead of waking a task to await it."""
+        ...
+
     def __await__(self) -> Generator[Any, None, T_co]: ...
+
+
+class Progress:
+    """Who a child tells that some of its `reported` operations have become done:
+    the connections waiting for them. Called on the event loop, never waits."""
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def tell(self) -> None:
+        for listener in tuple(self._listeners):  # one may stop listening meanwhile
+            listener()
 
 
 class Completed(Generic[T]):
@@ -68,6 +95,7 @@ class Completed(Generic[T]):
 
     __slots__ = ("value",)
     done = True
+    reported = True  # done already
 
     def __init__(self, value: T) -> None:
         self.value = value
@@ -82,6 +110,7 @@ class Failed:
 
     __slots__ = ("_error",)
     done = True
+    reported = True
 
     def __init__(self, error: ChildError) -> None:
         self._error = error
@@ -101,6 +130,7 @@ class Later(Generic[T]):
 
     __slots__ = ("_finished", "_result", "_start")
     done = False
+    reported = False  # a coroutine: somebody must run it
 
     def __init__(self, start: Callable[[], Coroutine[Any, Any, T]]) -> None:
         self._start = start
@@ -139,6 +169,10 @@ class AllOf:
     def done(self) -> bool:
         return all(part.done for part in self._parts)
 
+    @property
+    def reported(self) -> bool:
+        return all(part.reported for part in self._parts)
+
     def __await__(self) -> Generator[Any, None, None]:
         return self._finish().__await__()
 
@@ -158,6 +192,7 @@ class InThread:
     two children's syncs overlap, and awaiting waits for this one."""
 
     __slots__ = ("_finished", "_result")
+    reported = False
 
     def __init__(self, work: Callable[[], object], error: Callable[[OSError], ChildError]
                  ) -> None:
@@ -203,7 +238,15 @@ class Child(Protocol):
     #: Where the child's data lives, for people: a path or a URI.
     location: str
     size: int
+    #: Told when some of this child's `reported` operations have become done.
+    progress: Progress
 
+    def hold_requests(self) -> None:
+        """Requests started from now on may wait in the child until `send_requests`,
+        to leave together: the caller calls it before it next yields to the scheduler."""
+        ...
+
+    def send_requests(self) -> None: ...
     def read(self, buffer: memoryview, offset: int) -> Pending[None]: ...
     def write(self, data: bytes | bytearray | memoryview, offset: int,
               fua: bool) -> Pending[None]: ...
@@ -230,6 +273,7 @@ class FileChild:
     def __init__(self, name: str, path: str, readonly: bool = False) -> None:
         self.name = name
         self.location = path
+        self.progress = Progress()  # told nothing: what is not done at once is not reported
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         self._fd = os.open(path, flags)
         try:
@@ -246,6 +290,12 @@ class FileChild:
         code = error.errno or errno.EIO
         return ChildError(self.name, operation, offset, length, Errno.from_host(code),
                           os.strerror(code))
+
+    def hold_requests(self) -> None:
+        pass  # nothing is sent anywhere
+
+    def send_requests(self) -> None:
+        pass
 
     def read(self, buffer: memoryview, offset: int) -> Pending[None]:
         try:

@@ -119,6 +119,13 @@ class Operation(Generic[T, R]):
         parts = self._parts
         return parts is not None and parts[0].done and parts[1].done
 
+    @property
+    def reported(self) -> bool:
+        """Its children will say when it is `ready` (VerifiedDevice.listen), so that it
+        can be finished then without awaiting it."""
+        parts = self._parts
+        return parts is not None and parts[0].reported and parts[1].reported
+
     def finish_now(self) -> R:
         """Finish a `ready` operation in place."""
         assert self._parts is not None
@@ -191,6 +198,26 @@ class VerifiedDevice:
         self._fingerprints = provenance is not None and provenance.fingerprints
         #: Findings keep both children's bytes of each differing range (--dump-dir).
         self.keep_mismatch_bytes = False
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever some `reported` operations may have become ready."""
+        for child in (self.raw, self.test):
+            child.progress.listen(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        for child in (self.raw, self.test):
+            child.progress.unlisten(listener)
+
+    def hold_requests(self) -> None:
+        """Operations started from now on may keep their child requests until
+        `send_requests`, which the caller calls before it next yields: one send to
+        each child for a whole batch of guest requests."""
+        self.raw.hold_requests()
+        self.test.hold_requests()
+
+    def send_requests(self) -> None:
+        self.raw.send_requests()
+        self.test.send_requests()
 
     def _changed(self, kind: ChangeKind, offset: int, length: int, flags: int,
                  origin: Origin | None,

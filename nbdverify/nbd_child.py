@@ -47,6 +47,7 @@ from .children import (
     Failed,
     Later,
     Pending,
+    Progress,
 )
 from .log import log_event
 from .transport import Transport
@@ -121,6 +122,11 @@ class _Request:
         if self.waiter is not None:
             self.waiter.set()
 
+    @property
+    def reported(self) -> bool:
+        # A reply that may never come must be awaited: the wait gives up in time.
+        return self.child._timeout is None
+
     def __await__(self) -> Generator[Any, None, None]:
         return self.child._finish(self).__await__()
 
@@ -145,13 +151,18 @@ class NbdChild:
         self._transport = Transport.over_socket(stream.socket)
         self._cookies = itertools.count(1)
         self._in_flight: dict[int, _Request] = {}
-        # Requests go out through one writer task: all those made in one scheduler
-        # tick leave in one send. (A send per request measured 18 us a call here,
-        # each waking the server; the task's wake-up costs ~8 us once per batch.)
+        # Requests leave in batches, not a send each (18 us a call here, each waking
+        # the server): those started between `hold_requests` and `send_requests` in
+        # that call, the others through the writer task, all those posted in one
+        # scheduler tick in one send. The writer also sends what the kernel did not
+        # take at once.
         self._outbox: list[bytes | bytearray | memoryview] = []
         self._outbox_ready = trio.Event()
         self._outbox_empty = trio.Event()
         self._outbox_empty.set()
+        self._holding = False  # requests wait for send_requests
+        self._writing = False  # the writer task is sending a batch
+        self.progress = Progress()
         self._lost: str | None = None
         #: Stops what this child owns (a qemu-nbd we started), after disconnecting.
         self.owned_cleanup: Callable[[], Awaitable[None]] | None = None
@@ -194,8 +205,33 @@ class NbdChild:
     def _post(self, *message: bytes | bytearray | memoryview) -> None:
         if not self._outbox:
             self._outbox_empty = trio.Event()
-            self._outbox_ready.set()
+            if not self._holding:
+                self._outbox_ready.set()
         self._outbox.extend(message)
+
+    def hold_requests(self) -> None:
+        self._holding = True
+
+    def send_requests(self) -> None:
+        """Send what is held, now, as far as the kernel takes it; the writer task
+        sends the rest (and all of it, if it is busy with an earlier batch)."""
+        self._holding = False
+        if not self._outbox:
+            return
+        if self._writing:
+            self._outbox_ready.set()
+            return
+        try:
+            rest = self._transport.send_now([memoryview(message) for message in self._outbox])
+        except OSError as error:
+            self._lose(str(error) or type(error).__name__)
+            return
+        if rest:
+            self._outbox = list(rest)
+            self._outbox_ready.set()
+        else:
+            self._outbox = []
+            self._outbox_empty.set()
 
     async def _write_requests(self) -> None:
         try:
@@ -203,7 +239,9 @@ class NbdChild:
                 await self._outbox_ready.wait()
                 self._outbox_ready = trio.Event()
                 batch, self._outbox = self._outbox, []
+                self._writing = True
                 await self._transport.send_all(batch)
+                self._writing = False
                 if not self._outbox:
                     self._outbox_empty.set()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
@@ -212,10 +250,14 @@ class NbdChild:
     async def _read_replies(self) -> None:
         reader = self._reader
         transport = self._transport
+        finished = False  # a request finished since the listeners were last told
         try:
             while True:
                 event = reader.next_event()
                 if event is NEED_DATA:
+                    if finished:
+                        finished = False
+                        self.progress.tell()
                     view = reader.receive_buffer()
                     count = transport.receive_now(view)
                     if count is None:
@@ -229,6 +271,7 @@ class NbdChild:
                     continue
                 del self._in_flight[event.cookie]
                 request.finish(event)
+                finished = True
         except (OSError, RemoteProtocolError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as error:
             self._lose(str(error) or type(error).__name__)
@@ -242,6 +285,7 @@ class NbdChild:
         for request in self._in_flight.values():
             request.finish(None)
         self._in_flight.clear()
+        self.progress.tell()
 
     # --- Requests ----------------------------------------------------------------
 

@@ -181,13 +181,16 @@ class Transmission:
     """One connection's transmission phase: requests from the machine to the device,
     replies back, with no task per request.
 
-    Every request starts on the device the moment it is parsed. Then the device's
-    answer decides where it finishes (`_dispatch`, the one place that decides):
+    Every request starts on the device the moment it is parsed; the child requests
+    of all those parsed from one receive leave together, before the next. Then the
+    device's answer decides where it finishes (`_dispatch`, the one place that decides):
     - `ready` (page-cached files): right here, in the receiving task;
-    - otherwise, READ and WRITE on an NBD child: in order, in one completer task
-      per connection (their replies come back in about that order anyway);
+    - `reported` (an NBD child with no --child-timeout): in the child's reply reader,
+      which tells the connection after each batch of replies (`_finish_reported`);
     - `waits_long` (fsync, or waiting for an earlier overlapping request): a task
-      of its own, so that it holds up nothing behind it.
+      of its own, so that it holds up nothing behind it;
+    - the rest (an NBD child's requests that may time out): in order, in one
+      completer task per connection (their replies come back in about that order).
     """
 
     def __init__(self, device: VerifiedDevice, machine: ServerTransmission,
@@ -203,12 +206,17 @@ class Transmission:
         self.output = ReplyOutput(self._transport, self._budget)
         self._in_order: deque[tuple[Request, Operation[Any, Any], int]] = deque()
         self._more_in_order = trio.Event()
+        #: Started, and to be finished when a child tells `_finish_reported`.
+        self._reported: list[tuple[Request, Operation[Any, Any], int]] = []
+        self._none_reported: trio.Event | None = None  # made when closing waits for them
+        self._listener = self._finish_reported
         self._waiting: trio.CancelScope | None = None  # the wait for the next request
         self._unyielding = 0  # receives in a row that found bytes without waiting
         self._tasks: trio.Nursery | None = None
         self._closing = False  # no more requests will come: finish and end
 
     async def run(self) -> None:
+        self.device.listen(self._listener)
         try:
             async with trio.open_nursery() as sending:
                 sending.start_soon(self.output.run_sender)
@@ -231,6 +239,7 @@ class Transmission:
                     await self.output.sent()
                 sending.cancel_scope.cancel()
         finally:
+            self.device.unlisten(self._listener)
             self._abandon_in_order()
             with trio.CancelScope(shield=True) as last:
                 last.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
@@ -258,7 +267,10 @@ class Transmission:
         """
         if self.device.policy.stopped.is_set():
             return False
-        self.output.send()  # about to wait for the client: send what is ready
+        # About to wait for the client: send the children what its last requests need,
+        # and the client what is ready.
+        self.device.send_requests()
+        self.output.send()
         machine = self.machine
         view = machine.receive_buffer()
         count = self._transport.receive_now(view)
@@ -287,29 +299,34 @@ class Transmission:
 
     async def _receive_requests(self) -> None:
         machine = self.machine
-        while True:
-            event = machine.next_event()
-            if event is NEED_DATA:
-                if not await self._receive():
+        try:
+            while True:
+                event = machine.next_event()
+                if event is NEED_DATA:
+                    if not await self._receive():
+                        break
+                elif isinstance(event, Request):
+                    if self.device.policy.stopped.is_set():
+                        break
+                    # A slot and the request's memory if free now (no coroutine: the usual case).
+                    charge = self._budget.try_acquire(_buffer_bytes(event))
+                    if charge is None:
+                        charge = await self._reserve(event)
+                    self._dispatch(event, charge)
+                elif isinstance(event, RequestAnswered):
+                    self.output.queue(event.reply)
+                else:
+                    assert isinstance(event, Disconnect | EndOfStream)
                     break
-            elif isinstance(event, Request):
-                if self.device.policy.stopped.is_set():
-                    break
-                # A slot and the request's memory if free now (no coroutine: the usual case).
-                charge = self._budget.try_acquire(_buffer_bytes(event))
-                if charge is None:
-                    charge = await self._reserve(event)
-                self._dispatch(event, charge)
-            elif isinstance(event, RequestAnswered):
-                self.output.queue(event.reply)
-            else:
-                assert isinstance(event, Disconnect | EndOfStream)
-                break
-        # Replies that are ready leave now, not after the requests still in flight.
-        self.output.send()
+        finally:
+            # Nothing held back; replies that are ready leave now, not after the
+            # requests still in flight.
+            self.device.send_requests()
+            self.output.send()
 
     def _dispatch(self, request: Request, charge: int) -> None:
         """Start a request on the device, and choose where it finishes."""
+        self.device.hold_requests()  # until this task next waits (`_receive`, `_reserve`)
         operation = self._start(request)
         if operation.ready:
             self.output.queue(self._reply_now(request, operation), charge, slot=True)
@@ -318,13 +335,34 @@ class Transmission:
         elif operation.waits_long:
             assert self._tasks is not None
             self._tasks.start_soon(self._complete, request, operation, charge)
+        elif operation.reported:
+            self._reported.append((request, operation, charge))
         else:
             self._in_order.append((request, operation, charge))
             self._more_in_order.set()
 
+    def _finish_reported(self) -> None:
+        """A child's replies came: reply to the requests they made ready."""
+        waiting = self._reported
+        if not waiting:
+            return
+        output = self.output
+        unfinished = []
+        for entry in waiting:
+            request, operation, charge = entry
+            if operation.ready:
+                output.queue(self._reply_now(request, operation), charge, slot=True)
+            else:
+                unfinished.append(entry)
+        self._reported = unfinished
+        output.send()
+        if not unfinished and self._none_reported is not None:
+            self._none_reported.set()
+
     async def _reserve(self, request: Request) -> int:
         """Wait for an in-flight slot and the request's memory: the client is ahead
         of its replies."""
+        self.device.send_requests()  # what is held must not wait with us
         self.output.send()  # our own queued replies hold slots and memory: free them first
         return await self._budget.acquire(_buffer_bytes(request))
 
@@ -407,6 +445,9 @@ class Transmission:
                 else:
                     await self._complete(request, operation, charge)
             if self._closing:
+                if self._reported:
+                    self._none_reported = trio.Event()
+                    await self._none_reported.wait()
                 return
             await self._more_in_order.wait()
             self._more_in_order = trio.Event()
@@ -415,6 +456,9 @@ class Transmission:
         while self._in_order:
             _, operation, _ = self._in_order.popleft()
             operation.abandon()
+        for _, operation, _ in self._reported:
+            operation.abandon()
+        self._reported = []
 
 
 def _buffer_bytes(request: Request) -> int:

@@ -18,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdverify import transmission as transmission_module
-from nbdverify.children import COMPLETED, ChildError, Completed, Extent, Failed, FileChild, Pending
+from nbdverify.children import (
+    COMPLETED,
+    ChildError,
+    Completed,
+    Extent,
+    Failed,
+    FileChild,
+    Pending,
+    Progress,
+)
 from nbdverify.device import VerifiedDevice
 from nbdverify.findings import Divergence, Finding, Mismatch
 from nbdverify.nbd_child import NbdChild
@@ -60,6 +69,8 @@ class Gate:
     """A child operation that has started and finishes when the test releases it
     (optionally failing), like an NBD child's request whose reply is late."""
 
+    reported = False  # awaited, like an NBD child's request with a --child-timeout
+
     def __init__(self, error: ChildError | None = None) -> None:
         self._released = trio.Event()
         self.error = error
@@ -80,6 +91,8 @@ class Gate:
 
 class Timer:
     """A child operation that finishes `delay` seconds after it started (a slow child)."""
+
+    reported = False
 
     def __init__(self, delay: float) -> None:
         self._deadline = trio.current_time() + delay
@@ -109,6 +122,13 @@ class MemoryChild:
         self.delay: float | None = None
         self.flush_gate: Gate | None = None
         self.flushes = 0
+        self.progress = Progress()  # its operations are awaited, never reported
+
+    def hold_requests(self) -> None:
+        pass
+
+    def send_requests(self) -> None:
+        pass
 
     def _error(self, operation: str, offset: int, length: int) -> ChildError:
         return ChildError(self.name, operation, offset, length, Errno.EIO, "injected failure")
@@ -725,14 +745,16 @@ async def test_a_protocol_error_drops_only_that_connection() -> None:
 
 @asynccontextmanager
 async def nbd_child(tmp_path: Path, nursery: trio.Nursery, exported: VerifiedDevice,
-                    timeout: float | None = None) -> AsyncIterator[NbdChild]:
-    """An NbdChild connected to a second in-process Server that exports `exported`."""
+                    timeout: float | None = None, server_nursery: trio.Nursery | None = None
+                    ) -> AsyncIterator[NbdChild]:
+    """An NbdChild connected to a second in-process Server that exports `exported`,
+    served in `server_nursery` (cancel it: the child's server is gone)."""
     path = str(tmp_path / "child.sock")
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen()
     inner = Server(exported, ExportConfig())
-    await nursery.start(inner.serve, [trio.SocketListener(sock)])
+    await (server_nursery or nursery).start(inner.serve, [trio.SocketListener(sock)])
     child = await NbdChild.open("test", f"nbd+unix:///?socket={path}", nursery, timeout)
     try:
         yield child
@@ -795,6 +817,92 @@ async def test_nbd_child_late_reply_is_dropped_and_the_child_goes_on(tmp_path: P
     assert client.data[2] == CONTENT[8192:12288]
     assert len(found) == 1 and isinstance(found[0], Divergence)
     assert "no reply within" in (found[0].test_error or "")
+
+
+async def test_held_child_requests_leave_when_sent(tmp_path: Path) -> None:
+    """Requests started between hold_requests and send_requests wait for the latter
+    (a connection sends a whole receive's worth together); others leave on their own."""
+    exported, _, inner_test, _ = memory_device()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            async with nbd_child(tmp_path, nursery, exported) as child:
+                child.hold_requests()
+                held = [child.read(memoryview(bytearray(512)), offset)
+                        for offset in (0, 4096, 8192)]
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert inner_test.reads == []
+                child.send_requests()
+                for pending in held:
+                    await pending
+                assert inner_test.reads == [(0, 512), (4096, 512), (8192, 512)]
+                await child.read(memoryview(bytearray(512)), 12288)  # not held
+                assert inner_test.reads[-1] == (12288, 512)
+            nursery.cancel_scope.cancel()
+
+
+async def test_nbd_child_replies_finish_requests_and_disc_waits_for_them(
+        tmp_path: Path) -> None:
+    """An NBD child's replies finish the guest's requests where they are read (no
+    task awaits them); a DISC behind them still waits for their replies."""
+    exported, _, inner_test, _ = memory_device()
+    inner_test.held[0] = gate = Gate()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            async with nbd_child(tmp_path, nursery, exported) as child:
+                device = VerifiedDevice(MemoryChild("raw", CONTENT), child,
+                                        policy=MismatchPolicy(OnMismatch.ERROR))
+                async with serving(device) as (server, connections):
+                    client, _ = await connect(server, connections)
+                    client.request(R, 1, 0, 4096)
+                    client.request(R, 2, 4096, 4096)
+                    client.request(DISC, 3)
+                    await client.send()
+                    assert await client.reply() == ReplyDone(2)
+                    assert await client.no_reply_yet()
+                    gate.release()
+                    assert await client.reply() == ReplyDone(1)
+                    await client.closed()
+            nursery.cancel_scope.cancel()
+    assert client.data[1] == CONTENT[:4096]
+
+
+async def test_an_nbd_child_whose_server_goes_fails_the_requests_in_flight(
+        tmp_path: Path) -> None:
+    """Its server gone mid-request, the child fails what is in flight (a finding
+    under ERROR, an EIO reply) and all that follows; the connection goes on."""
+    exported, _, inner_test, _ = memory_device()
+    inner_test.held[0] = Gate()  # never released: the server goes first
+    found: list[Finding] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server_nursery = await nursery.start(_nursery_of_its_own)
+            async with nbd_child(tmp_path, nursery, exported,
+                                 server_nursery=server_nursery) as child:
+                device = VerifiedDevice(MemoryChild("raw", CONTENT), child,
+                                        policy=MismatchPolicy(OnMismatch.ERROR),
+                                        on_finding=found.append)
+                async with serving(device) as (server, connections):
+                    client, _ = await connect(server, connections)
+                    client.request(R, 1, 0, 4096)
+                    await client.send()
+                    assert await client.no_reply_yet()
+                    server_nursery.cancel_scope.cancel()
+                    failed = await client.reply()
+                    assert (failed.cookie, failed.error) == (1, Errno.EIO)
+                    client.request(R, 2, 4096, 4096)
+                    await client.send()
+                    failed = await client.reply()
+                    assert (failed.cookie, failed.error) == (2, Errno.EIO)
+            nursery.cancel_scope.cancel()
+    assert [type(finding) for finding in found] == [Divergence, Divergence]
+    assert all("connection lost" in (finding.test_error or "") for finding in found)
+
+
+async def _nursery_of_its_own(task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """A nursery a test can cancel without cancelling itself."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
 
 
 # --- Any pipelined mix of requests: the sequential result ----------------------------------
