@@ -90,7 +90,8 @@ class NbdAddress:
 
 class ChildRefused(ChildError):
     """Nothing listens at the child's address (yet: a server between its bind and
-    its listen refuses too)."""
+    its listen refuses too, and a unix socket path is briefly missing while a
+    server replaces a stale one)."""
 
 
 def is_nbd_uri(text: str) -> bool:
@@ -185,7 +186,7 @@ class NbdChild:
                     if not data:
                         raise RemoteProtocolError("server closed the connection")
                     machine.receive_data(data)
-        except ConnectionRefusedError as error:
+        except (ConnectionRefusedError, FileNotFoundError) as error:
             raise ChildRefused(name, "connect", 0, 0, Errno.EIO, f"{uri}: {error}") from None
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ProtocolError) as error:

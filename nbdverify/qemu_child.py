@@ -288,7 +288,8 @@ async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio
                         break
                     except ChildRefused:
                         # Between qemu-nbd's bind and its listen (seen with two servers
-                        # starting at once), or it failed to open the image and exits:
+                        # starting at once), between its unlink of a stale socket and
+                        # its bind, or it failed to open the image and exits:
                         # then its own words say why, better than "connection refused".
                         pass
                     except ChildError:

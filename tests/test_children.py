@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+import trio
 from children_support import (
     EXIT_GRACE,
     FORMAT_SIZE,
@@ -48,6 +49,7 @@ from support import (
     run,
 )
 
+from nbdverify.nbd_child import ChildRefused, NbdChild
 from nbdverify.qemu_child import MALLOC_TUNABLES, qemu_environment
 
 LIBNBD_TIMEOUT = 20.0
@@ -150,18 +152,37 @@ path = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--socket
 bound = socket.socket(socket.AF_UNIX)
 bound.bind(path)  # and no listen: a connect now is refused
 time.sleep(0.3)
-bound.close()
-os.unlink(path)
+bound.close()  # the path stays: qemu-nbd unlinks it and binds its own
 os.execv(REAL, [REAL, *sys.argv[1:]])
 """
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bound-not-listening", "path-missing"])
+async def test_a_unix_socket_not_yet_listening_is_refused_not_failed(
+        tmp_path: Path, bound: bool) -> None:
+    """ChildRefused is what makes open_qemu_child ask again, so both moments of a
+    qemu-nbd's start must raise it: bound but not listening, and the path missing
+    while it replaces a stale socket."""
+    path = tmp_path / "child.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    if bound:
+        listener.bind(str(path))
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(ChildRefused):
+                    await NbdChild.open("test", f"nbd+unix:///?socket={path}", nursery)
+    finally:
+        listener.close()
 
 
 def test_a_qemu_nbd_that_refuses_before_it_listens_is_asked_again(
         rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """qemu-nbd's socket appears at its bind, a moment before it listens, and a
     connect in between is refused (seen with two servers starting at once). A
-    stand-in holds that moment open for 0.3 s, then becomes the real qemu-nbd: the
-    server starts all the same."""
+    stand-in holds that moment open for 0.3 s, then becomes the real qemu-nbd, which
+    replaces the stale socket (the path is missing for a moment: CI hit that once).
+    The server starts all the same."""
     real = shutil.which("qemu-nbd")
     assert real is not None
     stand_in = tmp_path / "bin" / "qemu-nbd"
