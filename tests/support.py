@@ -130,7 +130,7 @@ def wait_until_serving(process: subprocess.Popen[bytes], stderr_path: Path, repo
     """Wait (bounded) for nbdverify's `serving URI` line on stderr."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        match = re.search(r"serving (\S+)", stderr_path.read_text(errors="replace"))
+        match = re.search(r"serving (nbd\S*://\S+)", stderr_path.read_text(errors="replace"))
         if match:
             return RunningServer(process, match.group(1), socket, report, stderr_path, images)
         if process.poll() is not None:
