@@ -196,6 +196,65 @@ def test_a_qemu_nbd_that_refuses_before_it_listens_is_asked_again(
     assert_quiet(server)
 
 
+def test_a_qcow2_child_is_served_with_io_uring(rig: Rig, tmp_path: Path) -> None:
+    """This machine's QEMU and kernel allow io_uring, which serves page-cached reads
+    at half qemu-nbd's CPU of its thread pool: the child must be using it."""
+    server = rig.serve_pair(make_format_pair(tmp_path, "qcow2"), "--on-mismatch=error")
+    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
+    assert b"--aio=io_uring" in command, server.stderr
+
+
+def test_a_compressed_qcow2_child_is_served_with_threads(rig: Rig, tmp_path: Path) -> None:
+    """A compressed cluster at the end of the file hangs QEMU 7.2's io_uring on reading
+    it: such a TEST is served with --aio=threads, and every byte reads back."""
+    images = make_format_pair(tmp_path, "qcow2")
+    last = FORMAT_SIZE - 64 * KiB
+    with images.raw.open("r+b") as raw:
+        raw.seek(last)
+        raw.write(bytes(64 * KiB))  # converted as a hole
+    compressed = tmp_path / "compressed.qcow2"
+    run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(images.raw),
+         str(compressed)], timeout=TOOL_TIMEOUT)
+    # Into the hole, compressed: appended to the file, which now ends mid-sector.
+    qemu_io(str(compressed), f"write -c -P 0x5a {last} 64k", image_format="qcow2")
+    assert compressed.stat().st_size % 512, "the premise: a file that ends mid-sector"
+    with images.raw.open("r+b") as raw:
+        raw.seek(last)
+        raw.write(b"\x5a" * 64 * KiB)
+    server = rig.serve_pair(ImagePair(images.raw, compressed), "--on-mismatch=error")
+    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
+    assert b"--aio=threads" in command
+    qemu_io(server.uri, f"read -P 0x5a {last} 64k", f"read 0 {FORMAT_SIZE}")
+    assert_quiet(server)
+
+
+NO_IO_URING = """#!/usr/bin/python3
+import os, sys
+if "--aio=io_uring" in sys.argv:  # as a QEMU built without liburing answers
+    sys.exit("qemu-nbd: Invalid aio mode 'io_uring'")
+os.execv(REAL, [REAL, *sys.argv[1:]])
+"""
+
+
+def test_a_qemu_nbd_without_io_uring_serves_with_threads(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU without io_uring (or a kernel or seccomp profile that refuses it): the
+    child starts again with --aio=threads, the log says why, and all works."""
+    real = shutil.which("qemu-nbd")
+    assert real is not None
+    stand_in = tmp_path / "bin" / "qemu-nbd"
+    stand_in.parent.mkdir()
+    stand_in.write_text(NO_IO_URING.replace("REAL", repr(real)))
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+    images = make_format_pair(tmp_path, "qcow2")
+    server = rig.serve_pair(images, "--on-mismatch=error")
+    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
+    assert b"--aio=threads" in command
+    assert "cannot use --aio=io_uring (qemu-nbd: Invalid aio mode 'io_uring')" in server.stderr
+    write_read_compare(server, images.raw)
+
+
 def test_nbd_child_that_resets_the_handshake_fails_startup_cleanly(tmp_path: Path) -> None:
     """A TEST server that sends its greeting, then drops the connection with our reply
     unread (the client sees ECONNRESET, as with a qemu-nbd that failed to open its
