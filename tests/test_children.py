@@ -146,6 +146,23 @@ def test_wrong_test_format_fails_startup_cleanly(rig: Rig, tmp_path: Path) -> No
         assert not processes_mentioning(str(tmp_path)), processes_mentioning(str(tmp_path))
 
 
+def stand_in_qemu_nbd(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put `script` first on PATH as qemu-nbd, with REAL in it naming the real one."""
+    real = shutil.which("qemu-nbd")
+    assert real is not None
+    stand_in = tmp_path / "bin" / "qemu-nbd"
+    stand_in.parent.mkdir()
+    stand_in.write_text(script.replace("REAL", repr(real)))
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+
+
+def child_command(server: RunningServer) -> list[str]:
+    """The command line of the server's qemu-nbd, as it runs."""
+    cmdline = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes()
+    return cmdline.decode().split("\0")
+
+
 STAND_IN = """#!/usr/bin/python3
 import os, socket, sys, time
 path = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--socket="))
@@ -183,13 +200,7 @@ def test_a_qemu_nbd_that_refuses_before_it_listens_is_asked_again(
     stand-in holds that moment open for 0.3 s, then becomes the real qemu-nbd, which
     replaces the stale socket (the path is missing for a moment: CI hit that once).
     The server starts all the same."""
-    real = shutil.which("qemu-nbd")
-    assert real is not None
-    stand_in = tmp_path / "bin" / "qemu-nbd"
-    stand_in.parent.mkdir()
-    stand_in.write_text(STAND_IN.replace("REAL", repr(real)))
-    stand_in.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+    stand_in_qemu_nbd(STAND_IN, tmp_path, monkeypatch)
     images = make_format_pair(tmp_path, "qcow2")
     server = rig.serve_pair(images, "--on-mismatch=error")
     write_read_compare(server, images.raw)
@@ -200,8 +211,7 @@ def test_a_qcow2_child_is_served_with_io_uring(rig: Rig, tmp_path: Path) -> None
     """This machine's QEMU and kernel allow io_uring, which serves page-cached reads
     at half qemu-nbd's CPU of its thread pool: the child must be using it."""
     server = rig.serve_pair(make_format_pair(tmp_path, "qcow2"), "--on-mismatch=error")
-    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
-    assert b"--aio=io_uring" in command, server.stderr
+    assert "--aio=io_uring" in child_command(server), server.stderr
 
 
 def test_a_compressed_qcow2_child_is_served_with_threads(rig: Rig, tmp_path: Path) -> None:
@@ -222,8 +232,7 @@ def test_a_compressed_qcow2_child_is_served_with_threads(rig: Rig, tmp_path: Pat
         raw.seek(last)
         raw.write(b"\x5a" * 64 * KiB)
     server = rig.serve_pair(ImagePair(images.raw, compressed), "--on-mismatch=error")
-    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
-    assert b"--aio=threads" in command
+    assert "--aio=threads" in child_command(server)
     qemu_io(server.uri, f"read -P 0x5a {last} 64k", f"read 0 {FORMAT_SIZE}")
     assert_quiet(server)
 
@@ -240,17 +249,10 @@ def test_a_qemu_nbd_without_io_uring_serves_with_threads(
         rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A QEMU without io_uring (or a kernel or seccomp profile that refuses it): the
     child starts again with --aio=threads, the log says why, and all works."""
-    real = shutil.which("qemu-nbd")
-    assert real is not None
-    stand_in = tmp_path / "bin" / "qemu-nbd"
-    stand_in.parent.mkdir()
-    stand_in.write_text(NO_IO_URING.replace("REAL", repr(real)))
-    stand_in.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+    stand_in_qemu_nbd(NO_IO_URING, tmp_path, monkeypatch)
     images = make_format_pair(tmp_path, "qcow2")
     server = rig.serve_pair(images, "--on-mismatch=error")
-    command = Path(f"/proc/{qemu_nbd_pid(server)}/cmdline").read_bytes().split(b"\0")
-    assert b"--aio=threads" in command
+    assert "--aio=threads" in child_command(server)
     assert "cannot use --aio=io_uring (qemu-nbd: Invalid aio mode 'io_uring')" in server.stderr
     write_read_compare(server, images.raw)
 
