@@ -18,7 +18,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,15 +135,18 @@ class ContainerRunner:
         self.image = image
         self.names: list[str] = []
 
-    def arguments(self, host_volume: Path, *command: str) -> list[str]:
+    def arguments(self, host_volume: Path, *command: str,
+                  options: Sequence[str] = ()) -> list[str]:
         name = f"nbdverify-test-{uuid.uuid4().hex[:12]}"
         self.names.append(name)
         return ["--name", name, "--network", "none", "--label", LABEL, *container_user(),
-                "-v", f"{host_volume}:{VOLUME}", self.image, *command]
+                "-v", f"{host_volume}:{VOLUME}", *options, self.image, *command]
 
-    def serve(self, host_volume: Path, *command: str) -> Container:
-        """Start `nbdverify serve ... -U /images/nbd.sock` detached, and wait for it."""
-        arguments = self.arguments(host_volume, "serve", *command, "-U", f"{VOLUME}/nbd.sock")
+    def serve(self, host_volume: Path, *command: str, options: Sequence[str] = ()) -> Container:
+        """Start `nbdverify serve ... -U /images/nbd.sock` detached (`options` for
+        docker run), and wait for it."""
+        arguments = self.arguments(host_volume, "serve", *command, "-U", f"{VOLUME}/nbd.sock",
+                                   options=options)
         docker("run", "--detach", *arguments)
         container = Container(self.names[-1], host_volume)
         container.wait_until_serving()
@@ -205,15 +208,21 @@ def served_and_stopped(image: str,
         return serve_write_and_stop(containers, tmp_path_factory.mktemp("served"))
 
 
-def serve_write_and_stop(containers: ContainerRunner, directory: Path) -> ServedAndStopped:
-    host_volume = volume(directory / "images")
+def raw_and_qcow2(host_volume: Path) -> ImagePair:
+    """Random RAW, TEST its qcow2 twin, both writable for the container."""
     raw = host_volume / "raw.img"
     raw.write_bytes(os.urandom(IMAGE_SIZE))
     test = host_volume / "test.qcow2"
     run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(test)],
         timeout=QEMU_TIMEOUT)
     writable(raw, test)
-    container = containers.serve(host_volume, inside(raw), inside(test))
+    return ImagePair(raw, test)
+
+
+def serve_write_and_stop(containers: ContainerRunner, directory: Path) -> ServedAndStopped:
+    host_volume = volume(directory / "images")
+    images = raw_and_qcow2(host_volume)
+    container = containers.serve(host_volume, inside(images.raw), inside(images.test))
     written = qemu_io(container.uri, f"write -P 0xab {MIB} {MIB}", f"read -P 0xab {MIB} {MIB}")
     interfaces = network_interfaces(docker("exec", container.name, "cat", "/proc/net/dev").stdout)
     network_mode = docker("inspect", "--format", "{{.HostConfig.NetworkMode}}",
@@ -223,7 +232,7 @@ def serve_write_and_stop(containers: ContainerRunner, directory: Path) -> Served
     stop_seconds = time.monotonic() - started
     exit_code = container.state()["ExitCode"]
     assert isinstance(exit_code, int)
-    return ServedAndStopped(ImagePair(raw, test), written, interfaces, network_mode,
+    return ServedAndStopped(images, written, interfaces, network_mode,
                             stop_seconds, exit_code, container.logs())
 
 
@@ -258,6 +267,30 @@ def test_both_images_flushed_and_identical_after_the_stop(
                    str(images.raw), str(images.test)], timeout=QEMU_TIMEOUT)
     assert "Images are identical" in compare.stdout
     assert images.raw_bytes()[MIB:2 * MIB] == b"\xab" * MIB
+
+
+#: What newer Docker engines' default profiles do to io_uring (this one, 20.10, allows it).
+NO_IO_URING = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
+                             "action": "SCMP_ACT_ERRNO"}]}
+
+
+def test_a_seccomp_profile_that_refuses_io_uring_gets_a_qcow2_served_with_threads(
+        containers: ContainerRunner, tmp_path: Path) -> None:
+    """qemu-nbd cannot start with --aio=io_uring under such a profile: nbdverify starts
+    it again with --aio=threads, says so, and serves."""
+    profile = tmp_path / "no-io-uring.json"
+    profile.write_text(json.dumps(NO_IO_URING))
+    host_volume = volume(tmp_path / "images")
+    images = raw_and_qcow2(host_volume)
+    container = containers.serve(host_volume, inside(images.raw), inside(images.test),
+                                 options=["--security-opt", f"seccomp={profile}"])
+    result = qemu_io(container.uri, f"write -P 0xcd 0 {MIB}", f"read -P 0xcd 0 {MIB}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Pattern verification failed" not in result.stdout
+    logs = container.logs()
+    assert "qemu-nbd cannot use --aio=io_uring" in logs, logs
+    assert "Unable to use io_uring" in logs and "using --aio=threads" in logs, logs
 
 
 def test_corrupt_test_gives_eio_and_the_report_in_the_volume_names_the_sector(
