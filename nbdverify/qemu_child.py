@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from nbdverify_protocol.constants import Errno
+from nbdverify_protocol.constants import SECTOR_SIZE, Errno
 
 from .children import COMPLETED, AllOf, ChildError, FileChild, Pending
 from .log import log_event
@@ -51,7 +51,7 @@ SOCKET_POLL = 0.001
 #: The trap: QEMU 7.2's io_uring never completes a read that runs past the end of
 #: its file (it asks again for the rest, gets 0 bytes, and asks again): a compressed
 #: qcow2 cluster at the file's end hung qemu-io's read of it and `compare`. So
-#: io_uring only for an image whose Layout says no read does (reads_within_its_files).
+#: io_uring only for an image whose Layout says no read does.
 AIO_MODES = ("io_uring", "threads")
 #: Modes found unusable: not tried again in this process.
 _refused_aio: set[str] = set()
@@ -123,59 +123,64 @@ class InPlace:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """What `qemu-img` says of a qcow2 image: its backing chain (top first, as
-    `info --backing-chain` gives it) and its extents (`map`)."""
+    """What `qemu-img` says of a qcow2 image, read once before its qemu-nbd starts."""
 
-    chain: list[dict[str, Any]]
-    extents: bytes
-
-    def entries(self) -> Iterator[dict[str, Any]]:
-        for match in _MAP_ENTRY.finditer(self.extents):  # one at a time: maps can be long
-            yield json.loads(match[0])
-
-    @property
-    def external_data(self) -> bool:
-        return any("data-file" in layer.get("format-specific", {}).get("data", {})
-                   for layer in self.chain)
-
-    @property
-    def reads_within_its_files(self) -> bool:
-        """No read of it runs past the end of a file: qcow2 all the way down, no
-        external data file, every data extent at an offset of its own (a compressed
-        cluster is read in whole sectors, which at a file's end pass it)."""
-        return (all(layer.get("format") == "qcow2" for layer in self.chain)
-                and not self.external_data
-                and all(entry.get("offset") is not None for entry in self.entries()
-                        if entry.get("data")))
+    #: No read of it passes the end of a file, so io_uring is safe (see AIO_MODES).
+    reads_within_its_files: bool
+    #: For a reader in place: where its data lies as it is in its file.
+    in_place: InPlace | None
 
 
-async def describe(name: str, path: str, image_format: str) -> Layout | None:
-    """The Layout of a qcow2 image; None for other formats, or if qemu-img cannot say."""
+async def describe(name: str, path: str, image_format: str, in_place: bool) -> Layout | None:
+    """The Layout of a qcow2 image (`in_place`: with the InPlace map); None for other
+    formats, or if qemu-img cannot say."""
     if image_format != "qcow2":
         return None
     try:
         chain = json.loads(await qemu_img("info", "--force-share", "--backing-chain",
                                           "--output=json", f"--format={image_format}", "--",
                                           path))
-        extents = await qemu_img("map", "--force-share", "--output=json",
-                                 f"--format={image_format}", "--", path)
-    except (OSError, ValueError) as error:
-        log_event(logging.DEBUG, "child-map", f"{name}: no qemu-img map of {path}: {error}",
-                  child=name)
+        chain = chain if isinstance(chain, list) else [chain]
+        places = None
+        if in_place and not _external_data(chain[0]):
+            places = _in_place(await qemu_img("map", "--force-share", "--output=json",
+                                              f"--format={image_format}", "--", path))
+        return Layout(_reads_within_files(chain), places)
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+        log_event(logging.DEBUG, "child-map", f"{name}: qemu-img cannot describe {path}: "
+                  f"{error}", child=name)
         return None
-    return Layout(chain if isinstance(chain, list) else [chain], extents)
 
 
-def map_in_place(layout: Layout) -> InPlace | None:
-    """Where a qcow2 image's data lies as it is in its file: data at depth 0 (not in
-    a backing file) with an offset (neither compressed nor encrypted). None if there
-    is none, or with an external data file (the offsets would be in that)."""
-    if layout.external_data:
-        return None
+def _external_data(layer: dict[str, Any]) -> bool:
+    return "data-file" in layer.get("format-specific", {}).get("data", {})
+
+
+def _reads_within_files(chain: list[dict[str, Any]]) -> bool:
+    """qcow2 all the way down, no external data file, and every file a whole number
+    of sectors long. The only qcow2 read that passes a file's end is of a compressed
+    cluster, read to the end of the sector that holds its last byte: only in a file
+    that ends mid-sector (as it does when the cluster written last was compressed).
+    Checked at start; a guest's writes never compress, and new clusters are aligned.
+    A stat, where `qemu-img map` of a big fragmented image takes seconds."""
+    def whole_sectors(filename: str) -> bool:
+        try:
+            return os.stat(filename).st_size % SECTOR_SIZE == 0
+        except OSError:  # not a local file (json:, a protocol): assume the worst
+            return False
+
+    return all(layer["format"] == "qcow2" and not _external_data(layer)
+               and whole_sectors(layer["filename"]) for layer in chain)
+
+
+def _in_place(extents: bytes) -> InPlace | None:
+    """From `qemu-img map`: data at depth 0 (not in a backing file) with an offset
+    (neither compressed nor encrypted). None if there is none."""
     starts, ends, offsets = array("q"), array("q"), array("q")
-    for entry in layout.entries():
-        if (entry.get("offset") is not None and entry.get("depth") == 0 and entry.get("data")
-                and not entry.get("zero") and not entry.get("compressed")):
+    for match in _MAP_ENTRY.finditer(extents):  # an entry at a time: maps can be long
+        entry = json.loads(match[0])
+        if (entry.get("offset") is not None and entry["depth"] == 0 and entry["data"]
+                and not entry["zero"] and not entry.get("compressed")):
             starts.append(entry["start"])
             ends.append(entry["start"] + entry["length"])
             offsets.append(entry["offset"])
@@ -328,8 +333,8 @@ async def open_qemu_child(name: str, path: str, image_format: str, nursery: trio
     writes nothing): read the data that lies as it is in the file from there."""
     if shutil.which("qemu-nbd") is None:
         raise ChildError(name, "open", 0, 0, Errno.EIO, "qemu-nbd is not installed")
-    layout = await describe(name, path, image_format)
-    places = map_in_place(layout) if in_place and layout is not None else None
+    layout = await describe(name, path, image_format, in_place)
+    places = None if layout is None else layout.in_place
     safe = layout is not None and layout.reads_within_its_files
     modes = [mode for mode in AIO_MODES
              if mode not in _refused_aio and (mode != "io_uring" or safe)]
