@@ -262,7 +262,7 @@ class NbdChild:
                     view = reader.receive_buffer()
                     count = transport.receive_now(view)
                     if count is None:
-                        count = await transport.receive_after_nothing(view)
+                        count = await transport.receive_into(view)
                     reader.received(count)
                     continue
                 request = self._in_flight[event.cookie]

@@ -286,12 +286,12 @@ class Transmission:
             return True
         if self._server_stopping.is_set():
             with trio.move_on_after(DRAIN_IDLE_SECONDS):
-                machine.received(await self._transport.receive_after_nothing(view))
+                machine.received(await self._transport.receive_into(view))
                 return True
             return False
         try:
             with trio.CancelScope() as self._waiting:
-                machine.received(await self._transport.receive_after_nothing(view))
+                machine.received(await self._transport.receive_into(view))
                 return True
         finally:
             self._waiting = None

@@ -49,10 +49,6 @@ class Transport:
     def __init__(self, receive_into: ReceiveInto, send_buffers: SendBuffers | None = None,
                  fd: int | None = None) -> None:
         self.receive_into = receive_into
-        #: As `receive_into`, for a caller whose `receive_now` just found nothing: on a
-        #: plain socket it waits first, rather than try again. The retry failed with
-        #: EAGAIN, raised and caught: a syscall and an exception, on every wait.
-        self.receive_after_nothing = receive_into
         self._send_buffers = send_buffers  # a stream's; a plain socket's are os.writev
         self._fd = fd  # a plain socket: sends go straight to the kernel
         #: A stream's send was cancelled midway: nothing more can follow it.
@@ -69,13 +65,7 @@ class Transport:
                     return count
                 await trio.lowlevel.wait_readable(fd)
 
-        async def receive_after_nothing(view: memoryview) -> int:
-            await trio.lowlevel.wait_readable(fd)
-            return await receive_into(view)
-
-        transport = cls(receive_into, fd=fd)
-        transport.receive_after_nothing = receive_after_nothing
-        return transport
+        return cls(receive_into, fd=fd)
 
     def receive_now(self, view: memoryview) -> int | None:
         """What has arrived, without waiting (0 at end of stream); None if nothing
